@@ -1,0 +1,219 @@
+"""Flickr8K-style data: splits, image loading and caching, augmentation, tokenization, collate.
+
+Reads what preprocess_flickr8k.py writes: `<data_dir>/images/` and `<data_dir>/captions.csv`
+(columns image,caption,split). Example:
+
+    python -c "import dataset; print(len(dataset.PairDataset('data/flickr8k', 'train', 224)))"
+
+Images travel as uint8 tensors (3, H, W) all the way to the model, which normalises them on its
+device: a uint8 batch is 4x smaller to copy, and the normalisation is one fused op there.
+"""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def read_captions(data_dir, split):
+    """Rows of captions.csv for one split, sorted by image then caption order."""
+    path = os.path.join(data_dir, "captions.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found; run preprocess_flickr8k.py first "
+                         "(see README, 'Data').")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"image", "caption", "split"} - set(df.columns)
+    if missing:
+        raise SystemExit(f"error: {path} lacks column(s) {sorted(missing)}; rerun preprocess_flickr8k.py.")
+    df = df[df["split"] == split]
+    if df.empty:
+        raise SystemExit(f"error: split '{split}' has no captions in {path}.")
+    # A stable sort keeps the five captions of a photo in file order.
+    return df.sort_values("image", kind="stable").reset_index(drop=True)
+
+
+def load_image(path, size):
+    """Decode one photo to a (size, size, 3) uint8 array: shorter side to `size`, centre crop."""
+    with Image.open(path) as img:
+        # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: a 500x375
+        # photo bound for 224 pixels decodes about 2x faster and the result is the same size.
+        img.draft("RGB", (size, size))
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _cache_paths(data_dir, split, size):
+    stem = os.path.join(data_dir, "cache", f"{split}_{size}")
+    return stem + ".npy", stem + ".json"
+
+
+def build_image_cache(data_dir, split, size):
+    """Decode every photo of `split` once into one uint8 array (N, size, size, 3).
+
+    Reading a cached photo costs microseconds where decoding a JPEG costs milliseconds; on a GPU
+    the decode, not the model, would set the pace. Idempotent: a cache whose image list matches
+    is kept. Returns the .npy path.
+    """
+    npy, meta = _cache_paths(data_dir, split, size)
+    images = sorted(read_captions(data_dir, split)["image"].unique())
+    if os.path.isfile(npy) and os.path.isfile(meta):
+        with open(meta) as f:
+            if json.load(f) == images:
+                return npy
+    os.makedirs(os.path.dirname(npy), exist_ok=True)
+    tmp = npy + ".tmp.npy"
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
+    for i, name in enumerate(tqdm(images, desc=f"caching {split} images", unit="img")):
+        arr[i] = load_image(os.path.join(data_dir, "images", name), size)
+    arr.flush()
+    del arr
+    # Array first, image list second: the list is the commit mark, so an interrupted run
+    # never leaves a list that vouches for a half-written array.
+    os.replace(tmp, npy)
+    with open(meta + ".tmp", "w") as f:
+        json.dump(images, f)
+    os.replace(meta + ".tmp", meta)
+    return npy
+
+
+class ImageStore:
+    """Photos of one split by index: from the uint8 cache when it matches, else from the files."""
+
+    def __init__(self, data_dir, images, size, split=None):
+        self.paths = [os.path.join(data_dir, "images", name) for name in images]
+        self.size = size
+        self.cache = None
+        if split is not None:
+            npy, meta = _cache_paths(data_dir, split, size)
+            if os.path.isfile(npy) and os.path.isfile(meta):
+                with open(meta) as f:
+                    if json.load(f) == list(images):
+                        self.cache = np.load(npy, mmap_mode="r")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        """(3, size, size) uint8 tensor."""
+        arr = self.cache[i] if self.cache is not None else load_image(self.paths[i], self.size)
+        return torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # a copy: the cache is read-only
+
+
+def random_resized_crop_flip(img, size, generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Train-time augmentation on a (3, H, W) uint8 tensor, driven by an explicit generator.
+
+    An explicit generator (seeded per epoch and item) makes augmentation identical whatever the
+    number of workers, so a run resumed at an epoch boundary sees the same crops as one that
+    never stopped.
+    """
+    _, h, w = img.shape
+    u = torch.rand(4, generator=generator).tolist()
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_r = np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * u[1]
+    aspect = float(np.exp(log_r))
+    cw = min(w, max(1, round((area * aspect) ** 0.5)))
+    ch = min(h, max(1, round((area / aspect) ** 0.5)))
+    top = int(u[2] * (h - ch + 1))
+    left = int(u[3] * (w - cw + 1))
+    crop = img[:, top:top + ch, left:left + cw].unsqueeze(0).float()
+    out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear",
+                                          align_corners=False, antialias=True)
+    out = out.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
+    if torch.rand(1, generator=generator).item() < 0.5:
+        out = out.flip(-1)
+    return out
+
+
+class PairDataset(Dataset):
+    """(image, caption) pairs of one split: every caption of every photo.
+
+    Item: (uint8 image (3, S, S), caption str, image index within the split).
+    """
+
+    def __init__(self, data_dir, split, image_size, augment=True, seed=0):
+        df = read_captions(data_dir, split)
+        self.images = sorted(df["image"].unique())
+        index = {name: i for i, name in enumerate(self.images)}
+        self.captions = df["caption"].tolist()
+        self.image_ids = [index[name] for name in df["image"]]
+        self.store = ImageStore(data_dir, self.images, image_size, split)
+        self.image_size = image_size
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        image_id = self.image_ids[i]
+        img = self.store[image_id]
+        if self.augment:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
+            img = random_resized_crop_flip(img, self.image_size, g)
+        return img, self.captions[i], image_id
+
+
+class ImageDataset(Dataset):
+    """The unique photos of a split in a fixed (sorted) order, for encoding a gallery."""
+
+    def __init__(self, data_dir, images, image_size, split=None):
+        self.images = list(images)
+        self.store = ImageStore(data_dir, self.images, image_size, split)
+
+    def __len__(self):
+        return len(self.store)
+
+    def __getitem__(self, i):
+        return self.store[i]
+
+
+class EvalSplit:
+    """The evaluation view of a split: unique photos, and every caption with its photo's index."""
+
+    def __init__(self, data_dir, split, image_size):
+        df = read_captions(data_dir, split)
+        self.images = sorted(df["image"].unique())
+        index = {name: i for i, name in enumerate(self.images)}
+        self.captions = df["caption"].tolist()
+        self.caption_image = torch.tensor([index[name] for name in df["image"]])  # (Q,)
+        self.image_dataset = ImageDataset(data_dir, self.images, image_size, split)
+
+
+class Collate:
+    """Stack images and tokenize a batch of captions, padded to the batch's longest caption.
+
+    Returns images (B, 3, S, S) uint8, input_ids and attention_mask (B, L), image_ids (B,) and
+    same_image (B, B) bool, True where two captions of the batch describe the same photo.
+    """
+
+    def __init__(self, tokenizer, max_length=64):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, batch):
+        images, captions, image_ids = zip(*batch)
+        tokens = tokenize(self.tokenizer, list(captions), self.max_length)
+        image_ids = torch.tensor(image_ids)
+        return {
+            "images": torch.stack(images),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "image_ids": image_ids,
+            "same_image": image_ids[:, None] == image_ids[None, :],
+        }
+
+
+def tokenize(tokenizer, texts, max_length=64):
+    """Tokenize a list of texts, padded to the longest of them (not to max_length)."""
+    return tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
+                     return_tensors="pt")

@@ -1,0 +1,95 @@
+"""Encoding galleries and captions, and the retrieval metrics shared by train.py and evaluate.py.
+
+    python -c "import retrieval, torch; print(retrieval.recall_metrics(torch.eye(3), torch.eye(3), torch.arange(3)))"
+
+Convention: a rank is 1-based, and a tie counts against the model (an item with the same score
+as the target ranks above it), so duplicate photos never flatter the figures.
+"""
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import EvalSplit, tokenize
+
+KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def encode_image_dataset(model, dataset, device, batch_size=64, num_workers=0, desc="encoding images"):
+    """(N, D) float32 CPU embeddings of a dataset whose items are uint8 (3, H, W) images."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    out = [model.encode_images(images.to(device, non_blocking=True)).cpu()
+           for images in tqdm(loader, desc=desc, unit="batch", leave=False)]
+    return torch.cat(out) if out else torch.empty(0, model.image_proj.out_features)
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts, device, batch_size=256, desc="encoding captions"):
+    """(Q, D) float32 CPU embeddings of a list of strings."""
+    out = []
+    for i in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False,
+                  disable=len(texts) <= batch_size):
+        tokens = tokenize(tokenizer, texts[i:i + batch_size])
+        out.append(model.encode_texts(tokens["input_ids"].to(device),
+                                      tokens["attention_mask"].to(device)).cpu())
+    return torch.cat(out)
+
+
+def _summary(ranks):
+    ranks = ranks.double()
+    return {**{f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in KS},
+            "mean_rank": ranks.mean().item(), "median_rank": ranks.median().item()}
+
+
+def recall_metrics(img_emb, txt_emb, caption_image):
+    """Recall@K, mean and median rank in both directions.
+
+    img_emb (N, D), txt_emb (Q, D), caption_image (Q,): index of each caption's photo.
+    Text->image: each caption's target is its photo. Image->text: a photo is found at the
+    best rank of any of its captions.
+    Returns {"t2i": {...}, "i2t": {...}, "rsum": float, "n_images": N, "n_queries": Q}.
+    """
+    sims = txt_emb.float() @ img_emb.float().T  # (Q, N)
+    q = torch.arange(len(sims))
+    target = sims[q, caption_image]  # (Q,)
+    # 1 + the number of other photos scoring at least as high as the target.
+    t2i = (sims >= target[:, None]).sum(1)
+    # Image -> text: the best-scoring own caption of each photo, then the other captions above it.
+    n = img_emb.shape[0]
+    best_own = torch.full((n,), float("-inf")).scatter_reduce(0, caption_image, target, "amax")
+    own = caption_image[None, :] == torch.arange(n)[:, None]  # (N, Q)
+    i2t = ((sims.T >= best_own[:, None]) & ~own).sum(1) + 1
+    metrics = {"t2i": _summary(t2i), "i2t": _summary(i2t)}
+    metrics["rsum"] = sum(metrics[d][f"R@{k}"] for d in ("t2i", "i2t") for k in KS)
+    metrics["n_images"], metrics["n_queries"] = n, len(sims)
+    return metrics
+
+
+def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_size=64, num_workers=0):
+    """Encode one split's photos and captions and return its recall_metrics."""
+    data = EvalSplit(data_dir, split, image_size)
+    was_training = model.training
+    model.eval()
+    img_emb = encode_image_dataset(model, data.image_dataset, device, batch_size, num_workers)
+    txt_emb = encode_texts(model, tokenizer, data.captions, device)
+    model.train(was_training)
+    return recall_metrics(img_emb, txt_emb, data.caption_image)
+
+
+def format_metrics(metrics):
+    """A small plain-text table of recall_metrics' result."""
+    lines = [f"{'':6}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'mean r':>9}{'med r':>8}"]
+    for d, name in (("t2i", "t2i"), ("i2t", "i2t")):
+        m = metrics[d]
+        lines.append(f"{name:6}{m['R@1']:8.1f}{m['R@5']:8.1f}{m['R@10']:8.1f}"
+                     f"{m['mean_rank']:9.1f}{m['median_rank']:8.1f}")
+    lines.append(f"rsum  {metrics['rsum']:8.1f}")
+    return "\n".join(lines)
+
+
+def chance_recall(n_images, k):
+    """Expected text->image Recall@K (percent) of a random ranking over n_images photos."""
+    return 100.0 * min(k, n_images) / n_images if n_images else float(np.nan)

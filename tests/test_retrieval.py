@@ -1,0 +1,59 @@
+import torch
+
+from retrieval import recall_metrics
+
+
+def brute_force(img, txt, caption_image, ks=(1, 5, 10)):
+    """Loop version of the metrics: a tie ranks against the target."""
+    sims = txt @ img.T
+    t2i = []
+    for q in range(len(txt)):
+        target = sims[q, caption_image[q]]
+        t2i.append(1 + sum(1 for j in range(len(img)) if j != caption_image[q] and sims[q, j] >= target))
+    i2t = []
+    for i in range(len(img)):
+        best = None
+        for q in range(len(txt)):
+            if caption_image[q] != i:
+                continue
+            rank = 1 + sum(1 for q2 in range(len(txt)) if caption_image[q2] != i and sims[q2, i] >= sims[q, i])
+            best = rank if best is None else min(best, rank)
+        i2t.append(best)
+    out = {}
+    for name, ranks in (("t2i", t2i), ("i2t", i2t)):
+        r = torch.tensor(ranks, dtype=torch.float64)
+        out[name] = {**{f"R@{k}": 100 * (r <= k).double().mean().item() for k in ks},
+                     "mean_rank": r.mean().item(), "median_rank": r.median().item()}
+    return out
+
+
+def test_metrics_match_brute_force_with_five_captions():
+    g = torch.Generator().manual_seed(0)
+    n = 30
+    img = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    caption_image = torch.arange(n).repeat_interleave(5)
+    # Captions near their photo, with noise, so ranks spread over 1..n.
+    txt = torch.nn.functional.normalize(img[caption_image] + 0.9 * torch.randn(5 * n, 8, generator=g), dim=-1)
+    got, want = recall_metrics(img, txt, caption_image), brute_force(img, txt, caption_image)
+    for d in ("t2i", "i2t"):
+        for key, value in want[d].items():
+            assert abs(got[d][key] - value) < 1e-6, (d, key)
+    assert 0 < got["t2i"]["R@1"] < 100  # the case is not degenerate
+    assert got["n_images"] == n and got["n_queries"] == 5 * n
+
+
+def test_ties_count_against_the_model():
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # two identical photos
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    m = recall_metrics(img, txt, torch.tensor([0, 1]))
+    assert m["t2i"]["R@1"] == 0.0 and m["t2i"]["mean_rank"] == 2.0
+
+
+def test_perfect_and_reversed_rankings():
+    img = torch.eye(4)
+    caption_image = torch.arange(4).repeat_interleave(2)
+    perfect = recall_metrics(img, img[caption_image], caption_image)
+    assert perfect["t2i"]["R@1"] == 100.0 and perfect["i2t"]["R@1"] == 100.0
+    assert perfect["rsum"] == 600.0 and perfect["t2i"]["median_rank"] == 1.0
+    worst = recall_metrics(img, -img[caption_image], caption_image)
+    assert worst["t2i"]["R@1"] == 0.0 and worst["t2i"]["mean_rank"] == 4.0

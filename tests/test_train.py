@@ -1,0 +1,121 @@
+"""End-to-end on the tiny dataset: train -> evaluate -> search, resume, interruption."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate
+import search
+import train
+from tiny import train_argv
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("run")
+    argv = train_argv(tiny_data, model_dir, "--epochs", "12", "--lr", "5e-3", "--head_lr", "5e-3",
+                      "--save_every", "5")
+    assert train.main(argv) == 0
+    return model_dir
+
+
+def test_training_writes_checkpoints_logs_and_plot(trained):
+    names = set(os.listdir(trained))
+    assert {"best.pt", "last.pt", "checkpoint_epoch_5.pt", "checkpoint_epoch_10.pt", "metrics.jsonl",
+            "training_curves.png", "tokenizer"} <= names
+    history = [json.loads(line) for line in open(trained / "metrics.jsonl")]
+    assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert history[-1]["loss"] < history[0]["loss"]
+    best = torch.load(trained / "best.pt", weights_only=True)
+    assert best["metrics"]["rsum"] == max(h["val"]["rsum"] for h in history)
+
+
+def test_train_evaluate_search_beats_chance(trained, tmp_path, capsys):
+    out = tmp_path / "test.json"
+    assert evaluate.main(["--checkpoint", str(trained / "best.pt"), "--split", "test",
+                          "--output_json", str(out), "--num_workers", "0", "--device", "cpu"]) == 0
+    m = json.loads(out.read_text())
+    assert m["n_images"] == 8 and m["n_queries"] == 40
+    # Chance on 8 photos: R@1 12.5 %, mean rank 4.5.
+    assert m["t2i"]["R@1"] >= 25.0 and m["t2i"]["mean_rank"] < 3.0
+    assert set(m["t2i"]) == {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
+
+    capsys.readouterr()
+    assert search.main(["--checkpoint", str(trained / "best.pt"), "--query", "a red circle", "--top_k", "4",
+                        "--output_dir", str(tmp_path), "--device", "cpu"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith(("1 ", "2 "))]
+    hits = [ln.split()[-1] for ln in lines]
+    assert any("red" in os.path.basename(h) for h in hits), hits
+    assert (tmp_path / "search_a_red_circle.png").stat().st_size > 10_000
+
+
+def test_search_index_is_reused_and_rebuilt(trained, tmp_path, monkeypatch, capsys):
+    argv = ["--checkpoint", str(trained / "best.pt"), "--query", "green square", "--output_dir", str(tmp_path),
+            "--device", "cpu", "--use_test_set"]
+    search.main(argv)
+    calls = []
+    real = search.encode_image_dataset
+    monkeypatch.setattr(search, "encode_image_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    search.main(argv)
+    assert calls == []  # same checkpoint, same photos: the stored index answers
+    ck = trained / "best.pt"
+    os.utime(ck, ns=(ck.stat().st_atime_ns, ck.stat().st_mtime_ns + 10**9))  # a new checkpoint
+    search.main(argv)
+    assert calls == [1]
+
+
+def test_resume_at_epoch_boundary_gives_the_same_weights(tiny_data, tmp_path, monkeypatch):
+    common = ("--epochs", "2")
+    assert train.main(train_argv(tiny_data, tmp_path / "a", *common)) == 0
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(train, "plot_curves", stop)  # runs right after epoch 1's checkpoint is written
+        assert train.main(train_argv(tiny_data, tmp_path / "b", *common)) == 130
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 1
+    with pytest.raises(SystemExit, match="--resume"):  # never silently overwrite a run
+        train.main(train_argv(tiny_data, tmp_path / "b", *common))
+    assert train.main(train_argv(tiny_data, tmp_path / "b", *common, "--resume")) == 0
+    a, b = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_ctrl_c_mid_epoch_saves_position_and_resume_finishes(tiny_data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train.info_nce
+
+    def interrupt_on_fourth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "info_nce", interrupt_on_fourth)
+    assert train.main(train_argv(tiny_data, tmp_path, "--epochs", "1")) == 130
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (0, 3, 3)
+    assert train.main(train_argv(tiny_data, tmp_path, "--epochs", "1", "--resume")) == 0
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (ck["epoch"], ck["step"]) == (1, 15)  # 240 pairs / 16 per batch, none trained twice
+
+
+def test_batch_larger_than_split_is_a_clear_error(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="larger than the training split"):
+        train.main(train_argv(tiny_data, tmp_path, "--batch_size", "4096"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    assert train.main(train_argv(tiny_data, tmp_path, "--epochs", "1")) == 0
+    good = weights(tmp_path / "last.pt")
+    monkeypatch.setattr(train, "info_nce", lambda *a, **k: torch.tensor(float("nan")))
+    with pytest.raises(SystemExit, match="loss became nan"):
+        train.main(train_argv(tiny_data, tmp_path, "--epochs", "2", "--resume"))
+    kept = weights(tmp_path / "last.pt")
+    assert all(torch.equal(good[k], kept[k]) for k in good)

@@ -1,0 +1,49 @@
+"""A tiny, learnable dataset and text encoder for tests: 4 colours x 2 shapes, 64 px photos."""
+
+import csv
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from model import save_tiny_text_encoder
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 40, 220), "yellow": (235, 220, 40)}
+SHAPES = ("circle", "square")
+
+
+def make_tiny_dataset(root, per_class_train=6, size=64, seed=0):
+    """Write images/, captions.csv (train/val/test, one val and one test photo per class) and a
+    tiny text encoder folder into `root`. Returns root."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    rows = []
+    classes = [(c, s) for c in COLOURS for s in SHAPES]
+    splits = ["train"] * per_class_train + ["val", "test"]
+    for k, split in enumerate(splits):
+        for colour, shape in classes:
+            name = f"{colour}_{shape}_{k}.jpg"
+            img = Image.new("RGB", (size, size), (128, 128, 128))
+            draw = ImageDraw.Draw(img)
+            r = int(rng.integers(size // 4, size // 3))
+            x, y = rng.integers(r, size - r, 2)
+            box = [x - r, y - r, x + r, y + r]
+            (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+            img.save(os.path.join(root, "images", name), quality=95)
+            for t in (f"a {colour} {shape}", f"one {colour} {shape} on grey", f"the {shape} is {colour}",
+                      f"a {shape} coloured {colour}", f"{colour} {shape}"):
+                rows.append((name, t, split))
+    with open(os.path.join(root, "captions.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "split"])
+        w.writerows(rows)
+    save_tiny_text_encoder(os.path.join(root, "text_encoder"), [r[1] for r in rows if r[2] == "train"], dim=32)
+    return root
+
+
+def train_argv(data_dir, model_dir, *extra):
+    """train.py flags for a fast CPU run on the tiny dataset."""
+    return ["--data_dir", str(data_dir), "--model_dir", str(model_dir), "--text_encoder",
+            os.path.join(data_dir, "text_encoder"), "--no_pretrained", "--image_size", "64",
+            "--batch_size", "16", "--num_workers", "0", "--warmup_steps", "5", "--lr", "2e-3",
+            "--embedding_dim", "32", "--device", "cpu", *extra]
