@@ -5,11 +5,11 @@ import os
 
 import pytest
 import torch
+from tiny import train_argv
 
 import evaluate
 import search
 import train
-from tiny import train_argv
 
 
 def weights(path):

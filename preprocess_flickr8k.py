@@ -1,0 +1,384 @@
+"""Prepare Flickr8K once: photos in <data_dir>/images/, one row per caption in <data_dir>/captions.csv.
+
+Example:
+    python preprocess_flickr8k.py --download --data_dir data/flickr8k
+
+Other sources: --source DIR (a folder with Flickr8k_Dataset.zip and Flickr8k_text.zip, their
+extracted folders, or the Kaggle layout Images/ + captions.txt), --captions FILE --images DIR (your
+own photos and an image,caption CSV), or --demo (synthetic shapes, see synthetic.py).
+captions.csv has columns image,caption,split with split in train/val/test (the official "dev"
+split is called val). Bad lines and photos are skipped and reported; running again skips finished
+work (downloads, extraction, photos already in images/).
+"""
+
+import argparse
+import csv
+import os
+import random
+import shutil
+import sys
+import time
+import zipfile
+import zlib
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+from PIL import Image
+from tqdm import tqdm
+
+# Where --download fetches the archives from, and their sizes there in bytes. None: not yet
+# verified against the server (a wrong size would reject a good 1 GB download); the zip
+# integrity check still catches truncated or corrupt files. Fill in once measured.
+DOWNLOAD = {
+    "url_base": "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/",
+    "sizes": {"Flickr8k_Dataset.zip": None, "Flickr8k_text.zip": None},
+}
+TRIES = 4  # download attempts per archive
+BACKOFF_S = 2.0  # wait before the first retry, doubled each time (tests set it to 0)
+SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+               "test": "Flickr_8k.testImages.txt"}
+PHOTO_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")  # the official archive misspells it
+PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class TransientError(Exception):
+    """A download failure worth another try: a 5xx answer or a connection that closed early."""
+
+
+def download(url, dest):
+    """Stream url to dest through dest.part, resuming a partial file; retry transient errors."""
+    part, name = dest + ".part", os.path.basename(dest)
+    for attempt in range(TRIES):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        # identity encoding: byte offsets for Range must count file bytes, not gzip bytes
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
+                if r.status_code == 416:  # nothing past byte `have`: complete if the totals agree
+                    if r.headers.get("Content-Range", "").rpartition("/")[2] == str(have):
+                        break
+                    os.remove(part)
+                    raise TransientError("partial file does not match the server's; starting over")
+                if r.status_code >= 500 or r.status_code == 429:
+                    raise TransientError(f"HTTP {r.status_code}")
+                if r.status_code >= 400:
+                    raise SystemExit(f"error: {url} answered HTTP {r.status_code}")
+                if r.status_code != 206:
+                    have = 0  # the server ignored Range and sends the whole file: start over
+                length = r.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                with open(part, "ab" if have else "wb") as f, tqdm(
+                        total=total, initial=have, unit="B", unit_scale=True, desc=name) as bar:
+                    for chunk in r.iter_content(1 << 16):  # small: a cut loses at most 64 KiB
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            if total is not None and os.path.getsize(part) < total:
+                raise TransientError("connection closed early")
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                TransientError) as e:
+            if attempt == TRIES - 1:
+                raise SystemExit(f"error: downloading {url} failed after {TRIES} tries: {e}")
+            wait = BACKOFF_S * 2 ** attempt
+            print(f"{name}: {e}; retrying in {wait:g} s", file=sys.stderr)
+            time.sleep(wait)
+    os.replace(part, dest)
+
+
+def check_zip(path, expected_size=None, remove=False):
+    """Exit with a clear message if path is not a whole zip; remove it if it was our download."""
+    size, problem = os.path.getsize(path), None
+    if expected_size and size != expected_size:
+        problem = f"has {size:,} bytes, expected {expected_size:,}"
+    elif not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(200).lower()
+        html = b"<html" in head or b"<!doctype" in head
+        problem = "is an HTML page (an error or login page?), not a zip" if html else "is not a zip archive"
+    else:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            problem = f"has a corrupt member {bad}" if bad else None
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            problem = f"is damaged ({e})"
+    if problem:
+        if remove:
+            os.remove(path)
+        raise SystemExit(f"error: {path} {problem}" + ("; removed it, run again" if remove else ""))
+
+
+def extract(zip_path, out_dir, expected_size=None, remove_bad=False):
+    """Check zip_path and extract it into out_dir, once: a marker file makes later runs skip it."""
+    os.makedirs(out_dir, exist_ok=True)
+    marker = os.path.join(out_dir, f".{os.path.basename(zip_path)}.done")
+    size = str(os.path.getsize(zip_path))
+    if os.path.exists(marker) and Path(marker).read_text() == size:
+        return
+    check_zip(zip_path, expected_size, remove_bad)
+    root = os.path.realpath(out_dir)
+    with zipfile.ZipFile(zip_path) as zf:
+        members = zf.infolist()
+        for m in members:  # refuse the whole archive before writing anything ("zip slip")
+            target = os.path.realpath(os.path.join(root, m.filename))
+            is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
+            if is_link or os.path.isabs(m.filename) or os.path.commonpath([root, target]) != root:
+                what = "is a symlink" if is_link else "would land outside " + out_dir
+                raise SystemExit(f"error: refusing to extract {zip_path}: member {m.filename!r} {what}")
+        for m in tqdm(members, desc=f"extract {os.path.basename(zip_path)}", unit="file"):
+            if not m.filename.startswith("__MACOSX/"):  # macOS resource forks, not data
+                zf.extract(m, root)
+    Path(marker).write_text(size)
+
+
+def find(roots, names, want_dir, depth=3):
+    """First file (or folder) named one of names under roots, at most depth levels down."""
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d != "__MACOSX")
+            for n in names:
+                if n in (dirnames if want_dir else filenames):
+                    return os.path.join(dirpath, n)
+            rel = os.path.relpath(dirpath, root)
+            if (0 if rel == "." else rel.count(os.sep) + 1) >= depth - 1:
+                dirnames[:] = []  # what lies in these folders' subfolders is too deep
+    return None
+
+
+def read_token_file(path, skipped):
+    """Lines 'IMAGE.jpg#N<TAB>caption' -> {image: [captions]}; bad lines go to skipped."""
+    captions = defaultdict(list)
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            key, tab, caption = line.partition("\t")
+            image, hash_, n = key.strip().rpartition("#")
+            if not tab or not hash_ or not image or not n.isdigit():
+                skipped["malformed caption line (want IMAGE.jpg#N<TAB>caption)"].append(
+                    (f"line {i}: {line.strip()[:50]!r}", 1))
+            elif not caption.strip():
+                skipped["empty caption"].append((f"line {i}: {image}", 1))
+            else:
+                captions[image].append(caption.strip())
+    return captions
+
+
+def read_caption_csv(path, skipped):
+    """A CSV with header image,caption -> {image: [captions]}; bad rows go to skipped."""
+    captions = defaultdict(list)
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"image", "caption"} <= set(reader.fieldnames or []):
+            raise SystemExit(f"error: {path} needs a header with columns image,caption, "
+                             f"found {str(reader.fieldnames)[:60]}")
+        try:
+            for row in reader:
+                # an unquoted comma in a caption spills into extra fields: glue them back on
+                caption = ",".join([row["caption"] or "", *row.get(None, [])]).strip()
+                image = (row["image"] or "").strip()
+                if not image:
+                    skipped["malformed caption line (no image name)"].append((f"line {reader.line_num}", 1))
+                elif not caption:
+                    skipped["empty caption"].append((f"line {reader.line_num}: {image}", 1))
+                else:
+                    captions[image].append(caption)
+        except csv.Error as e:  # e.g. a binary file passed as the CSV
+            raise SystemExit(f"error: {path} line {reader.line_num} is not CSV: {e}") from None
+    return captions
+
+
+def read_split_files(text_dir):
+    """{image: split} from the official split lists in text_dir, or None if there are none."""
+    splits = {}
+    for split, fname in SPLIT_FILES.items():
+        path = os.path.join(text_dir, fname)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8-sig") as f:
+                splits.update((line.strip(), split) for line in f if line.strip())
+    return splits or None
+
+
+def split_by_image(images, ratios, seed):
+    """{image: split}, shuffled by image with a fixed seed, so no photo lands in two splits."""
+    images = sorted(images)
+    random.Random(seed).shuffle(images)
+    cuts = [sum(ratios[:k + 1]) / sum(ratios) * len(images) for k in range(2)]
+    cuts = [int(c + 0.5) for c in cuts]
+    return {im: "train" if i < cuts[0] else "val" if i < cuts[1] else "test" for i, im in enumerate(images)}
+
+
+def load_source(args, skipped):
+    """Find the captions, the splits (None: make them) and the photo folder of the chosen source."""
+    if args.captions:
+        if not os.path.isfile(args.captions) or not os.path.isdir(args.images):
+            raise SystemExit(f"error: --captions {args.captions} must be a file and "
+                             f"--images {args.images} a folder")
+        return read_caption_csv(args.captions, skipped), None, args.images
+    roots = []
+    if args.download:
+        archives = []
+        for name, size in DOWNLOAD["sizes"].items():
+            dest = os.path.join(args.data_dir, "downloads", name)
+            if not os.path.exists(dest):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                download(args.url_base.rstrip("/") + "/" + name, dest)
+            # the sizes we know are those of the default server; a mirror may differ
+            archives.append((dest, size if args.url_base == DOWNLOAD["url_base"] else None))
+    else:
+        if not os.path.exists(args.source):
+            raise SystemExit(f"error: --source {args.source} does not exist")
+        found = [os.path.join(args.source, n) for n in DOWNLOAD["sizes"]]
+        archives = [(p, None) for p in ([args.source] if os.path.isfile(args.source) else found)
+                    if os.path.isfile(p)]
+        if os.path.isdir(args.source):
+            roots.append(args.source)
+    raw = os.path.join(args.data_dir, "raw")
+    for path, size in archives:
+        extract(path, raw, size, remove_bad=args.download)
+    roots = ([raw] if archives else []) + roots
+    token = find(roots, ["Flickr8k.token.txt"], want_dir=False)
+    if token:
+        photos = find(roots, PHOTO_DIRS, want_dir=True)
+        if not photos:
+            raise SystemExit(f"error: found {token} but no {PHOTO_DIRS[0]}/ photo folder near it")
+        return read_token_file(token, skipped), read_split_files(os.path.dirname(token)), photos
+    kaggle = find(roots, ["captions.txt"], want_dir=False)  # Kaggle: captions.txt next to Images/
+    folders = [os.path.join(os.path.dirname(kaggle), d) for d in ("Images", "images")] if kaggle else []
+    photos = next((d for d in folders if os.path.isdir(d)), None)
+    if not photos:
+        raise SystemExit(f"error: no dataset under {', '.join(roots) or args.source}: expected "
+                         "Flickr8k.token.txt + Flicker8k_Dataset/ or captions.txt + Images/")
+    return read_caption_csv(kaggle, skipped), None, photos
+
+
+def verify_image(path):
+    """None if PIL can decode the whole file, else why not."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Image.UnidentifiedImageError:
+        return "not an image PIL can read"
+    except Exception as e:  # PIL raises many types for broken files; every one means unusable
+        return f"{type(e).__name__}: {e}"[:80]
+    return None
+
+
+def link_or_copy(src, dst):
+    """Hard-link src to dst (no extra disk space), or copy it across filesystems."""
+    tmp = dst + ".tmp"
+    try:
+        os.link(src, tmp)
+    except OSError:  # another filesystem, or a tmp left by a crash: copyfile overwrites it
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def collect(captions, splits, photo_dir, data_dir, skipped, num_workers):
+    """Keep photos that have a split and load in PIL, put them in images/; return caption rows."""
+    out_dir = os.path.join(data_dir, "images")
+    os.makedirs(out_dir, exist_ok=True)
+    sizes = {e.name: e.stat().st_size for e in os.scandir(photo_dir) if e.is_file()}
+    done = {e.name: e.stat().st_size for e in os.scandir(out_dir) if e.is_file()}
+    keep, todo = [], []
+    for image, caps in captions.items():
+        plain = os.path.basename(image) == image and "\\" not in image
+        if not plain or not image.lower().endswith(PHOTO_EXTS):
+            skipped["bad photo name (not a plain .jpg/.png file name)"].append((image, len(caps)))
+        elif image not in sizes:
+            skipped["missing photo"].append((f"{image} ({splits.get(image, 'no split')})", len(caps)))
+        elif image not in splits:
+            skipped["photo in no split"].append((image, len(caps)))
+        else:
+            keep.append(image)
+            if done.get(image) != sizes[image]:  # photos already in images/ were verified before
+                todo.append(image)
+    with ThreadPoolExecutor(num_workers) as pool:  # PIL decodes without holding the GIL
+        paths = [os.path.join(photo_dir, im) for im in todo]
+        errors = list(tqdm(pool.map(verify_image, paths), total=len(paths), desc="verify", unit="photo"))
+    bad = set()
+    for image, err in zip(todo, errors):
+        if err:
+            skipped["unreadable photo"].append((f"{image} ({err})", len(captions[image])))
+            bad.add(image)
+        else:
+            link_or_copy(os.path.join(photo_dir, image), os.path.join(out_dir, image))
+    return [(im, c, splits[im]) for im in keep if im not in bad for c in captions[im]]
+
+
+def write_captions(rows, path):
+    """Write captions.csv through a temporary file, so a crash never leaves half of it."""
+    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption", "split"])
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def print_summary(rows, skipped):
+    print(f"photos: {len({r[0] for r in rows}):,} | captions: {len(rows):,}")
+    for split in ("train", "val", "test"):
+        part = [r for r in rows if r[2] == split]
+        print(f"  {split:5s}: {len({r[0] for r in part}):,} photos, {len(part):,} captions")
+    for reason, items in skipped.items():
+        examples = ", ".join(item for item, _ in items[:3])
+        lost = sum(n for _, n in items)
+        print(f"skipped, {reason}: {len(items):,} ({lost:,} captions), e.g. {examples}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # source: pick one
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--download", action="store_true", help="download the Flickr8K archives, prepare them")
+    src.add_argument("--source", help="folder with the archives, their extracted folders, or Kaggle layout")
+    src.add_argument("--captions", help="your own CSV with columns image,caption (needs --images)")
+    src.add_argument("--demo", action="store_true", help="generate the synthetic shapes demo set instead")
+    parser.add_argument("--images", help="folder of the photos named in --captions")
+    parser.add_argument("--url_base", default=DOWNLOAD["url_base"], help="download from this mirror instead")
+    # output
+    parser.add_argument("--data_dir", default="data/flickr8k", help="output folder (images/, captions.csv)")
+    parser.add_argument("--cache_size", type=int, default=224, help="side of the uint8 image cache (0: none)")
+    # split
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split by image (and of --demo)")
+    parser.add_argument("--split_ratio", type=float, nargs=3, default=[0.8, 0.1, 0.1],
+                        help="train val test fractions, when there are no split files")
+    parser.add_argument("--num_workers", type=int, default=8, help="threads that verify photos")
+    args = parser.parse_args(argv)
+    if bool(args.captions) != bool(args.images):
+        parser.error("--captions and --images go together")
+    if min(args.split_ratio) < 0 or sum(args.split_ratio) <= 0:
+        parser.error("--split_ratio needs three non-negative numbers with a positive sum")
+
+    skipped = defaultdict(list)  # reason -> [(example, captions lost)]
+    if args.demo:
+        # lazy imports: only --demo needs these, and model.py pulls in torch and transformers
+        from model import save_tiny_text_encoder
+        from synthetic import make_demo_dataset
+
+        rows = make_demo_dataset(args.data_dir, seed=args.seed)
+        # the tokenizer vocabulary is learned from train captions only
+        train_captions = [c for _, c, s in rows if s == "train"]
+        save_tiny_text_encoder(os.path.join(args.data_dir, "text_encoder"), train_captions)
+    else:
+        captions, splits, photo_dir = load_source(args, skipped)
+        if splits is None:  # split the photos we have, so missing ones do not skew the ratios
+            present = set(os.listdir(photo_dir))
+            names = [im for im in captions if im in present and im.lower().endswith(PHOTO_EXTS)]
+            splits = split_by_image(names, args.split_ratio, args.seed)
+        rows = collect(captions, splits, photo_dir, args.data_dir, skipped, args.num_workers)
+        if rows:
+            write_captions(rows, os.path.join(args.data_dir, "captions.csv"))
+    print_summary(rows, skipped)
+    if not rows:
+        raise SystemExit("error: nothing usable left: no photo has a readable file, a split and a caption")
+    if args.cache_size > 0:
+        from dataset import build_image_cache  # lazy: dataset.py pulls in torch
+        for split in sorted({r[2] for r in rows}):
+            print(f"cache {split}: {build_image_cache(args.data_dir, split, args.cache_size)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""preprocess_flickr8k.py on tiny datasets built in tmp_path: layouts, bad input, splits, zip safety,
+resumable downloads from a local HTTP server."""
+
+import csv
+import io
+import os
+import random
+import subprocess
+import sys
+import threading
+import types
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import preprocess_flickr8k as pf
+
+SCRIPT = Path(__file__).resolve().parents[1] / "preprocess_flickr8k.py"
+
+# A tiny official layout: every kind of bad input appears once.
+TOKEN = (
+    "a.jpg#0\tA red square .\n"
+    "a.jpg#1\t  padded caption  \n"
+    "a.jpg#2\t   \n"  # empty caption
+    "b.jpg#0\tA caption, with a comma\n"
+    "b.jpg#1 no tab on this line\n"  # malformed
+    "bogus.jpg\tno hash number\n"  # malformed
+    "c.jpg#0\ttruncated photo\n"
+    "d.jpg#0\tzero-byte photo\n"
+    "e.jpg#0\tval photo\n"
+    "e.jpg#1\tval photo two\n"
+    "f.jpg#0\ttest photo that is missing\n"
+    "nosplit.jpg#0\tin no split\n"
+    "a.jpg.1#0\tthe stray entry\n"
+)
+SPLIT_LISTS = {"Flickr_8k.trainImages.txt": "a.jpg\nb.jpg\nc.jpg\nd.jpg\n",
+               "Flickr_8k.devImages.txt": "e.jpg\n", "Flickr_8k.testImages.txt": "f.jpg\n"}
+EXPECTED_CSV = (
+    "image,caption,split\n"
+    "a.jpg,A red square .,train\n"
+    "a.jpg,padded caption,train\n"
+    'b.jpg,"A caption, with a comma",train\n'
+    "e.jpg,val photo,val\n"
+    "e.jpg,val photo two,val\n"
+)
+EXPECTED_SUMMARY = [
+    "photos: 3 | captions: 5",
+    "  train: 2 photos, 3 captions",
+    "  val  : 1 photos, 2 captions",
+    "  test : 0 photos, 0 captions",
+    "skipped, empty caption: 1 (1 captions), e.g. line 3: a.jpg",
+    "skipped, malformed caption line (want IMAGE.jpg#N<TAB>caption): 2 (2 captions), "
+    "e.g. line 5: 'b.jpg#1 no tab on this line', line 6: 'bogus.jpg\\tno hash number'",
+    "skipped, missing photo: 1 (1 captions), e.g. f.jpg (test)",
+    "skipped, photo in no split: 1 (1 captions), e.g. nosplit.jpg",
+    "skipped, bad photo name (not a plain .jpg/.png file name): 1 (1 captions), e.g. a.jpg.1",
+]
+
+
+def jpeg_bytes(i, size=(24, 16)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, (40 * i % 256, 90, 200 - 10 * i % 200)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def truncated_jpeg():
+    """A JPEG whose header is intact (Image.open works) but whose pixel data stops halfway."""
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+def official_photos():
+    good = {name: jpeg_bytes(i) for i, name in enumerate(["a.jpg", "b.jpg", "e.jpg", "nosplit.jpg"])}
+    return {**good, "c.jpg": truncated_jpeg(), "d.jpg": b""}
+
+
+def official_archives(folder, padding=0):
+    """Flickr8k_Dataset.zip and Flickr8k_text.zip as the official ones are laid out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / "Flickr8k_Dataset.zip", "w") as zf:
+        for name, data in official_photos().items():
+            zf.writestr(f"Flicker8k_Dataset/{name}", data)
+        zf.writestr("__MACOSX/Flicker8k_Dataset/._a.jpg", b"resource fork")
+        if padding:  # incompressible bytes, so a download takes several chunks
+            zf.writestr("padding.bin", random.Random(0).randbytes(padding))
+    with zipfile.ZipFile(folder / "Flickr8k_text.zip", "w") as zf:
+        zf.writestr("Flickr8k.token.txt", TOKEN)
+        for name, text in SPLIT_LISTS.items():
+            zf.writestr(name, text)
+    return folder
+
+
+def official_folders(folder):
+    """The same data already extracted, nested a level down and with the other spelling."""
+    (folder / "Flickr8k_Dataset").mkdir(parents=True)
+    for name, data in official_photos().items():
+        (folder / "Flickr8k_Dataset" / name).write_bytes(data)
+    (folder / "text").mkdir()
+    (folder / "text" / "Flickr8k.token.txt").write_text(TOKEN)
+    for name, text in SPLIT_LISTS.items():
+        (folder / "text" / name).write_text(text)
+    return folder
+
+
+def run(*args):
+    pf.main([*map(str, args), "--cache_size", "0", "--num_workers", "2"])
+
+
+def read_rows(data_dir):
+    with open(data_dir / "captions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("make", [official_archives, official_folders])
+def test_official_layout(tmp_path, capsys, make):
+    src, out = make(tmp_path / "src"), tmp_path / "out"
+    run("--source", src, "--data_dir", out)
+    assert (out / "captions.csv").read_text() == EXPECTED_CSV
+    assert sorted(os.listdir(out / "images")) == ["a.jpg", "b.jpg", "e.jpg"]
+    assert (out / "images" / "b.jpg").read_bytes() == official_photos()["b.jpg"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [*EXPECTED_SUMMARY, "skipped, unreadable photo: 2 (2 captions), e.g. c.jpg (OSError: image "
+                     "file is truncated (151 bytes not processed)), d.jpg (not an image PIL can read)"]
+    if make is official_archives:
+        assert not (out / "raw" / "__MACOSX").exists()
+
+
+def test_second_run_skips_finished_work(tmp_path, capsys, monkeypatch):
+    src, out = official_archives(tmp_path / "src"), tmp_path / "out"
+    run("--source", src, "--data_dir", out)
+    first = capsys.readouterr().out
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+
+    verified = []
+    monkeypatch.setattr(pf, "verify_image", lambda p: verified.append(os.path.basename(p)) or "still bad")
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("archives extracted again")
+
+    monkeypatch.setattr(pf, "check_zip", no_extraction)
+    run("--source", src, "--data_dir", out)
+    assert sorted(verified) == ["c.jpg", "d.jpg"]  # only the photos that never made it to images/
+    assert (out / "captions.csv").read_text() == EXPECTED_CSV
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
+    assert capsys.readouterr().out.splitlines()[:9] == first.splitlines()[:9]
+
+
+def kaggle_folder(folder, n_images=20):
+    (folder / "Images").mkdir(parents=True)
+    lines = ["image,caption"]
+    for i in range(n_images):
+        (folder / "Images" / f"p{i:02d}.jpg").write_bytes(jpeg_bytes(i))
+        lines += [f'p{i:02d}.jpg,"photo {i}, quoted"', f"p{i:02d}.jpg,photo {i}, unquoted comma"]
+    lines += ["p00.jpg,", "missing.jpg,no such photo"]
+    (folder / "captions.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_kaggle_layout_split_by_image(tmp_path, capsys):
+    src = kaggle_folder(tmp_path / "kaggle" / "flickr8k")
+    run("--source", tmp_path / "kaggle", "--data_dir", tmp_path / "a")
+    rows = read_rows(tmp_path / "a")
+    assert rows[:2] == [{"image": "p00.jpg", "caption": "photo 0, quoted", "split": rows[0]["split"]},
+                        {"image": "p00.jpg", "caption": "photo 0, unquoted comma", "split": rows[0]["split"]}]
+    split_of = {}
+    for r in rows:
+        assert split_of.setdefault(r["image"], r["split"]) == r["split"]  # never two splits per photo
+    counts = {s: sum(v == s for v in split_of.values()) for s in ("train", "val", "test")}
+    assert counts == {"train": 16, "val": 2, "test": 2} and len(rows) == 40
+    out = capsys.readouterr().out
+    assert "skipped, empty caption: 1 (1 captions), e.g. line 42: p00.jpg" in out
+    assert "skipped, missing photo: 1 (1 captions), e.g. missing.jpg (" in out
+
+    run("--source", src, "--data_dir", tmp_path / "b")  # same seed, same split
+    assert read_rows(tmp_path / "b") == rows
+    run("--source", src, "--data_dir", tmp_path / "c", "--seed", "1")
+    assert read_rows(tmp_path / "c") != rows
+
+
+def test_user_csv_and_split_ratio(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(10):
+        (photos / f"x{i}.png").write_bytes(jpeg_bytes(i))  # the name decides nothing; PIL reads content
+    (tmp_path / "mine.csv").write_text("caption,image\n" + "".join(f"thing {i},x{i}.png\n" for i in range(10))
+                                       + "evil,../x0.png\n")
+    run("--captions", tmp_path / "mine.csv", "--images", photos, "--data_dir", tmp_path / "out",
+        "--split_ratio", "0.5", "0.5", "0")
+    rows = read_rows(tmp_path / "out")
+    assert sorted(r["image"] for r in rows) == [f"x{i}.png" for i in range(10)]
+    assert sorted(r["split"] for r in rows) == ["train"] * 5 + ["val"] * 5
+    assert not (tmp_path / "out" / "x0.png").exists()
+
+
+def test_split_by_image_proportions():
+    names = [f"{i}.jpg" for i in range(1000)]
+    splits = pf.split_by_image(names, [0.8, 0.1, 0.1], seed=0)
+    assert [sum(s == k for s in splits.values()) for k in ("train", "val", "test")] == [800, 100, 100]
+    assert splits == pf.split_by_image(reversed(names), [8, 1, 1], seed=0)  # order of input irrelevant
+
+
+@pytest.mark.parametrize("member", ["../x.txt", "/tmp/escaped_by_test_x.txt", "link"])
+def test_zip_escaping_the_folder_is_refused(tmp_path, member):
+    src = official_archives(tmp_path / "src")
+    with zipfile.ZipFile(src / "Flickr8k_text.zip", "a") as zf:
+        info = zipfile.ZipInfo(member)
+        if member == "link":
+            info.external_attr = 0o120777 << 16  # a symlink member pointing out of the folder
+        zf.writestr(info, "/etc/passwd" if member == "link" else "pwned")
+    res = subprocess.run([sys.executable, SCRIPT, "--source", src, "--data_dir", tmp_path / "out",
+                          "--cache_size", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert err[-1].startswith(f"error: refusing to extract {src / 'Flickr8k_text.zip'}: member {member!r}")
+    assert not (tmp_path / "out" / "x.txt").exists() and not (tmp_path / "out" / "raw" / "link").exists()
+    assert not (tmp_path / "out" / "raw" / "Flickr8k.token.txt").exists()  # refused before writing
+
+
+def test_not_a_dataset_and_nothing_usable(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="^error: no dataset under"):
+        run("--source", tmp_path / "empty", "--data_dir", tmp_path / "out")
+    src = official_folders(tmp_path / "src")
+    for name in ("a.jpg", "b.jpg", "e.jpg"):
+        (src / "Flickr8k_Dataset" / name).write_bytes(b"not a photo")
+    with pytest.raises(SystemExit, match="^error: nothing usable left"):
+        run("--source", src, "--data_dir", tmp_path / "out")
+    assert not (tmp_path / "out" / "captions.csv").exists()
+
+
+def test_cache_and_demo_call_the_repo_functions(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "dataset", types.SimpleNamespace(
+        build_image_cache=lambda data_dir, split, size: calls.append((data_dir, split, size)) or "x.npy"))
+    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
+        save_tiny_text_encoder=lambda folder, captions: calls.append((folder, len(captions)))))
+    src, out = official_folders(tmp_path / "src"), str(tmp_path / "out")
+    pf.main(["--source", str(src), "--data_dir", out, "--cache_size", "32"])
+    assert calls == [(out, "train", 32), (out, "val", 32)]
+    calls.clear()
+    demo = str(tmp_path / "demo")
+    pf.main(["--demo", "--data_dir", demo, "--cache_size", "0"])
+    n_train = sum(r["split"] == "train" for r in read_rows(tmp_path / "demo"))
+    assert calls == [(os.path.join(demo, "text_encoder"), n_train)] and n_train == 1600
+
+
+# --- downloads from a local server --------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves server.files with Range support; server.plan[name] lists a behaviour per request."""
+
+    def do_GET(self):
+        name, srv = self.path.lstrip("/"), self.server
+        srv.log.append((name, self.headers.get("Range")))
+        plan = srv.plan.get(name, [])
+        how = plan.pop(0) if plan else "ok"
+        if how == "503" or name not in srv.files:
+            self.send_error(503 if how == "503" else 404)
+            return
+        if how == "html":
+            self.send_response(200)
+            body = b"<!DOCTYPE html><html><body>Rate limit exceeded</body></html>"
+            self.send_header("Content-Type", "text/html")
+        else:
+            data, start = srv.files[name], 0
+            rng = self.headers.get("Range")
+            if rng and how != "ignore_range":
+                start = int(rng.removeprefix("bytes=").rstrip("-"))
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if how == "cut":  # half the promised bytes, then the connection drops
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setattr(pf, "BACKOFF_S", 0.0)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy set in the environment must not see these requests
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.files, srv.plan, srv.log = {}, {}, []
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_download_resumes_and_retries(tmp_path, server, capsys):
+    archives = official_archives(tmp_path / "served", padding=300_000)
+    server.files = {p.name: p.read_bytes() for p in archives.iterdir()}
+    server.plan = {"Flickr8k_Dataset.zip": ["cut"], "Flickr8k_text.zip": ["503"]}
+    out = tmp_path / "out"
+    run("--download", "--url_base", server.url, "--data_dir", out)
+    # the resumed request starts after the whole 64 KiB chunks written before the cut
+    half = len(server.files["Flickr8k_Dataset.zip"]) // 2
+    resume = f"bytes={half // 65536 * 65536}-"
+    assert server.log == [("Flickr8k_Dataset.zip", None), ("Flickr8k_Dataset.zip", resume),
+                          ("Flickr8k_text.zip", None), ("Flickr8k_text.zip", None)]
+    for name, data in server.files.items():
+        assert (out / "downloads" / name).read_bytes() == data
+    assert sorted(os.listdir(out / "downloads")) == sorted(server.files)  # no .part left behind
+    assert (out / "captions.csv").read_text() == EXPECTED_CSV
+    assert capsys.readouterr().out.splitlines()[:9] == EXPECTED_SUMMARY
+    server.log.clear()
+    run("--download", "--url_base", server.url, "--data_dir", out)
+    assert server.log == []  # finished downloads are not fetched again
+
+
+@pytest.mark.parametrize("case", ["ignore_range", "complete", "longer"])
+def test_download_partial_file_cases(tmp_path, server, case):
+    data = bytes(range(256)) * 40
+    server.files = {"f.bin": data}
+    part = tmp_path / "f.bin.part"
+    if case == "ignore_range":  # a server that answers 200 to Range: start over
+        server.plan = {"f.bin": ["ignore_range"]}
+        part.write_bytes(b"garbage")
+    else:  # 416: complete if the sizes agree, else start over
+        part.write_bytes(data if case == "complete" else data + b"extra")
+    pf.download(server.url + "f.bin", str(tmp_path / "f.bin"))
+    assert (tmp_path / "f.bin").read_bytes() == data and not part.exists()
+
+
+def test_download_gives_up_with_a_clear_message(tmp_path, server):
+    server.files = {"f.bin": b"x"}
+    server.plan = {"f.bin": ["503"] * pf.TRIES}
+    with pytest.raises(SystemExit, match=f"failed after {pf.TRIES} tries: HTTP 503"):
+        pf.download(server.url + "f.bin", str(tmp_path / "f.bin"))
+    with pytest.raises(SystemExit, match="answered HTTP 404"):
+        pf.download(server.url + "nope.bin", str(tmp_path / "nope.bin"))
+    assert len(server.log) == pf.TRIES + 1  # a 404 is not retried
+
+
+def test_download_html_page_is_rejected(tmp_path, server):
+    archives = official_archives(tmp_path / "served")
+    server.files = {p.name: p.read_bytes() for p in archives.iterdir()}
+    server.plan = {"Flickr8k_Dataset.zip": ["html"]}
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"Flickr8k_Dataset.zip is an HTML page .*removed it"):
+        run("--download", "--url_base", server.url, "--data_dir", out)
+    assert not (out / "downloads" / "Flickr8k_Dataset.zip").exists()
+    run("--download", "--url_base", server.url, "--data_dir", out)  # the next run fetches it again
+    assert (out / "captions.csv").read_text() == EXPECTED_CSV
+
+
+def test_expected_size_is_checked(tmp_path):
+    path = official_archives(tmp_path) / "Flickr8k_text.zip"
+    with pytest.raises(SystemExit, match="bytes, expected 5"):
+        pf.check_zip(str(path), expected_size=5)
+    assert path.exists()  # not ours to delete
