@@ -80,6 +80,13 @@ def build_image_tower(name, pretrained=True, weights_path=None):
                 net.load_state_dict(weights.get_state_dict(progress=True))
             except Exception as e:  # any network or cache failure: explain, never go on randomly
                 raise SystemExit(_weights_help("MobileNetV3-small ImageNet weights", e))
+        if not (weights_path or pretrained):
+            # torchvision's BatchNorm momentum of 0.01 suits long ImageNet runs; from scratch, in
+            # a few thousand steps, the running statistics would lag far behind the weights and
+            # evaluation (which uses them) would see a different network than training.
+            for m in net.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = 0.1
         # No classifier: the pooled 576-d features feed our projection head.
         tower = nn.Sequential(net.features, net.avgpool, nn.Flatten(1))
         return tower, 576, IMAGENET_MEAN, IMAGENET_STD
