@@ -14,6 +14,7 @@ import os
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -24,8 +25,9 @@ MAX_LOGIT_SCALE = 100.0
 
 # ---------------------------------------------------------------------------- device, precision
 
-def pick_device(name="auto"):
-    """The one place that picks the device: cuda, then mps, then cpu for 'auto'."""
+def pick_device(name="auto", local_rank=None):
+    """The one place that picks the device: cuda, then mps, then cpu for 'auto'. Under torchrun
+    (`local_rank` given) 'cuda' means this process's own GPU, cuda:<local_rank>."""
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -37,6 +39,8 @@ def pick_device(name="auto"):
         raise SystemExit("error: --device cuda asked for, but no CUDA GPU is visible to PyTorch.")
     if name == "mps" and not torch.backends.mps.is_available():
         raise SystemExit("error: --device mps asked for, but MPS is not available on this machine.")
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
     return torch.device(name)
 
 
@@ -239,6 +243,39 @@ def info_nce(img_emb, txt_emb, logit_scale, same_image=None):
         logits = logits.masked_fill(same_image & ~eye, float("-inf"))
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+class _AllGather(torch.autograd.Function):
+    """(B, ...) on each of N processes -> (N*B, ...) in rank order, on every process.
+
+    Backward keeps only this process's slice, times N. Every process computes the same loss
+    over the global batch, so the gradient of the local slice is already complete here and
+    needs no communication (open_clip's local slot). The factor N undoes DDP's averaging:
+    the true gradient of a shared weight is the sum, not the mean, of what each process's
+    slice contributes. The logit scale does not pass through here: its gradient is whole on
+    every process, and DDP's mean leaves it as it is.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        out = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(ctx.world)[ctx.rank] * ctx.world
+
+
+def gather_batch(img_emb, txt_emb, image_ids):
+    """The global batch under torchrun, so the loss sees N*B pairs and N*B - 1 negatives each:
+    (B, D), (B, D), (B,) -> (N*B, D), (N*B, D), (N*B,). Gradients flow to the local part only
+    (see _AllGather); the gathered image ids give the same-photo mask across processes.
+    On one process the tensors come back as they are."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return img_emb, txt_emb, image_ids
+    return _AllGather.apply(img_emb), _AllGather.apply(txt_emb), _AllGather.apply(image_ids)
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -2,10 +2,13 @@
 
     python train.py --data_dir data/flickr8k --model_dir models --epochs 20
     python train.py @configs/offline.txt --data_dir data/flickr8k --model_dir models/offline
+    torchrun --standalone --nproc_per_node 4 train.py --data_dir data/flickr8k --batch_size 64
 
 Writes to --model_dir: last.pt (every epoch, and on Ctrl-C), best.pt (best validation R-sum),
 checkpoint_epoch_N.pt (every --save_every epochs), metrics.jsonl, training_curves.png and the
 tokenizer (so evaluate.py and search.py work offline). --resume continues from last.pt.
+Under torchrun each of N processes trains on its shard with --batch_size B, and the loss runs
+over the global batch of N*B pairs; only rank 0 validates and writes.
 """
 
 import argparse
@@ -16,11 +19,13 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import Collate, PairDataset, read_captions
-from model import info_nce, load_tokenizer, model_from_args, pick_device, read_checkpoint, save_checkpoint
+from model import gather_batch, info_nce, load_tokenizer, model_from_args, pick_device, read_checkpoint, save_checkpoint
 from retrieval import evaluate_split, format_metrics
 
 
@@ -53,7 +58,7 @@ def get_args(argv=None):
     p.add_argument("--no_same_image_mask", action="store_true",
                    help="treat other captions of the same photo in a batch as negatives")
     # optim
-    p.add_argument("--batch_size", type=int, default=32, help="pairs per step")
+    p.add_argument("--batch_size", type=int, default=32, help="pairs per step (per process under torchrun)")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the towers")
     p.add_argument("--head_lr", type=float, default=1e-3,
                    help="peak learning rate of the projection heads and temperature")
@@ -107,6 +112,15 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
+def shard_order(order, batch_size, rank=0, world=1):
+    """This process's part of the epoch's order, in whole batches. Process r takes the r-th B of
+    every N*B, so step s of all N processes together trains on order[s*N*B:(s+1)*N*B], gathered
+    in that order: N processes at batch B see the batches of one process at batch N*B."""
+    steps = len(order) // (world * batch_size)
+    blocks = torch.tensor(order[:steps * world * batch_size]).view(steps, world, batch_size)
+    return blocks[:, rank].flatten().tolist()
+
+
 def plot_curves(history, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -127,8 +141,28 @@ def plot_curves(history, path):
 
 def main(argv=None):
     args = get_args(argv)
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` sets none of them.
+    ddp = "RANK" in os.environ
+    device = pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
+    if not ddp:
+        return run(args, device)
+    if device.type == "mps":
+        raise SystemExit("error: torchrun trains on CUDA (nccl) or CPU (gloo), not MPS; pass --device cpu.")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # so collectives and barrier() use this process's GPU
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return run(args, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args, device):
+    ddp = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0  # the one process that validates, logs and writes files
+    log = print if master else lambda *a, **k: None
+    torch.manual_seed(args.seed + rank)  # dropout differs per process; DDP copies rank 0's weights
     os.makedirs(args.model_dir, exist_ok=True)
     last_path = os.path.join(args.model_dir, "last.pt")
     if os.path.exists(last_path) and not args.resume:
@@ -137,17 +171,17 @@ def main(argv=None):
 
     train_set = PairDataset(args.data_dir, "train", args.image_size, augment=True, seed=args.seed)
     read_captions(args.data_dir, "val")  # fail now, not after the first epoch, if there is no val split
-    steps_per_epoch = len(train_set) // args.batch_size
+    steps_per_epoch = len(train_set) // (world * args.batch_size)
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: --batch_size {args.batch_size} is larger than the training split "
-                         f"({len(train_set)} pairs); use a smaller batch.")
+        raise SystemExit(f"error: --batch_size {args.batch_size}{f' x {world} processes' if ddp else ''} is larger "
+                         f"than the training split ({len(train_set)} pairs); use a smaller batch.")
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
 
     ckpt = read_checkpoint(last_path) if args.resume and os.path.exists(last_path) else None
     if args.resume and ckpt is None:
-        print(f"no {last_path} to resume from; starting a new run")
+        log(f"no {last_path} to resume from; starting a new run")
     model_args = {**vars(args), "amp": not args.no_amp}
     if ckpt is not None:
         # The model is rebuilt as it was trained; flags given now only steer the schedule.
@@ -157,7 +191,8 @@ def main(argv=None):
     if args.freeze_image:
         model.image_tower.requires_grad_(False)
     tokenizer = load_tokenizer(model_args["text_encoder"])
-    tokenizer.save_pretrained(os.path.join(args.model_dir, "tokenizer"))
+    if master:
+        tokenizer.save_pretrained(os.path.join(args.model_dir, "tokenizer"))
     optimizer = torch.optim.AdamW(param_groups(model, args))
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
@@ -170,7 +205,12 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         state = {k: ckpt[k] for k in state}
         torch.set_rng_state(ckpt["rng_state"])
-        print(f"resumed from {last_path}: epoch {state['epoch']}, step {state['step']}")
+        log(f"resumed from {last_path}: epoch {state['epoch']}, step {state['step']}")
+    # DDP averages gradients across processes in backward (model.gather_batch explains why that
+    # mean is the gradient of the global batch). static_graph: a text tower with a pooler (BERT)
+    # computes weights no loss uses; DDP finds them once rather than failing at the second step.
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              static_graph=True) if ddp else model
 
     def save(path):
         metrics = state["history"][-1]["val"] if state["history"] else None
@@ -179,18 +219,25 @@ def main(argv=None):
 
     collate = Collate(tokenizer)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"training on {device}: {len(train_set)} pairs, {steps_per_epoch} steps/epoch, "
-          f"{total_steps} steps, {n_params / 1e6:.1f}M trainable parameters")
+    log(f"training on {device}{f' x {world} processes' if ddp else ''}: {len(train_set)} pairs, "
+        f"{steps_per_epoch} steps/epoch of {world * args.batch_size} pairs, {total_steps} steps, "
+        f"{n_params / 1e6:.1f}M trainable parameters")
     try:
         while state["epoch"] < args.epochs and state["step"] < total_steps:
             epoch = state["epoch"]
             train_set.epoch = epoch
-            order = epoch_order(len(train_set), args.seed, epoch)[state["epoch_step"] * args.batch_size:]
+            # Sharding our own permutation (not DistributedSampler) keeps a mid-epoch resume exact.
+            order = shard_order(epoch_order(len(train_set), args.seed, epoch), args.batch_size, rank, world)
+            order = order[state["epoch_step"] * args.batch_size:]
             loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order, drop_last=True,
                                 collate_fn=collate, num_workers=args.num_workers,
                                 pin_memory=device.type == "cuda")
-            loss, pairs_per_s = train_epoch(model, loader, optimizer, state, args, device, total_steps,
+            loss, pairs_per_s = train_epoch(net, loader, optimizer, state, args, device, total_steps,
                                             steps_per_epoch, last_path)
+            if not master:
+                state["epoch"], state["epoch_step"] = epoch + 1, 0
+                dist.barrier()  # wait while rank 0 validates and saves
+                continue
             metrics = evaluate_split(model, tokenizer, args.data_dir, "val", model_args["image_size"],
                                      device, num_workers=min(args.num_workers, 2))
             state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": loss,
@@ -211,34 +258,47 @@ def main(argv=None):
             print(f"epoch {epoch + 1} | loss {loss:.3f} | val R@1 t2i {metrics['t2i']['R@1']:.1f} "
                   f"i2t {metrics['i2t']['R@1']:.1f} | rsum {metrics['rsum']:.1f}"
                   f"{' (best)' if improved else ''} | {pairs_per_s:.0f} pairs/s")
+            if ddp:
+                dist.barrier()
     except KeyboardInterrupt:
         # Keep what was learned: weights, optimizer and the position within the epoch.
-        save(last_path)
-        print(f"\ninterrupted: saved {last_path} (epoch {state['epoch'] + 1}, step {state['step']}); "
-              "continue with --resume", file=sys.stderr)
+        if master:
+            save(last_path)
+            print(f"\ninterrupted: saved {last_path} (epoch {state['epoch'] + 1}, step {state['step']}); "
+                  "continue with --resume", file=sys.stderr)
         return 130
     if state["history"]:
         print(format_metrics(max(state["history"], key=lambda h: h["val"]["rsum"])["val"]))
     return 0
 
 
-def train_epoch(model, loader, optimizer, state, args, device, total_steps, steps_per_epoch, last_path):
+def batch_loss(net, batch, device, same_image_mask=True):
+    """InfoNCE of one batch; under torchrun, of the global batch of every process."""
+    img_emb, txt_emb, scale = net(batch["images"].to(device, non_blocking=True),
+                                  batch["input_ids"].to(device, non_blocking=True),
+                                  batch["attention_mask"].to(device, non_blocking=True))
+    # (N*B, D), (N*B, D), (N*B,): the same-photo mask must span the global batch, so it is built
+    # from the gathered image ids, not from this process's batch alone.
+    img_emb, txt_emb, image_ids = gather_batch(img_emb, txt_emb, batch["image_ids"].to(device))
+    same = image_ids[:, None] == image_ids[None, :] if same_image_mask else None
+    return info_nce(img_emb, txt_emb, scale, same)
+
+
+def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_per_epoch, last_path):
     """One pass over `loader`; updates state["step"] and state["epoch_step"] after every step.
-    Returns (mean loss, pairs per second)."""
-    model.train()
+    `net` is the model, or its DDP wrapper under torchrun. Returns (mean loss, global pairs per second)."""
+    model = net.module if isinstance(net, DDP) else net
+    world = dist.get_world_size() if isinstance(net, DDP) else 1
+    net.train()
     if args.freeze_image:
         model.image_tower.eval()  # frozen BatchNorm statistics too
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", unit="batch", leave=False,
-               initial=state["epoch_step"], total=steps_per_epoch)
+               initial=state["epoch_step"], total=steps_per_epoch, disable=world > 1 and dist.get_rank() > 0)
     t0, pairs, losses = time.time(), 0, []
     for batch in bar:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(state["step"], args.warmup_steps, total_steps)
-        images = batch["images"].to(device, non_blocking=True)
-        img_emb, txt_emb, scale = model(images, batch["input_ids"].to(device, non_blocking=True),
-                                        batch["attention_mask"].to(device, non_blocking=True))
-        same = None if args.no_same_image_mask else batch["same_image"].to(device)
-        loss = info_nce(img_emb, txt_emb, scale, same)
+        loss = batch_loss(net, batch, device, not args.no_same_image_mask)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss became {loss.item()} at step {state['step']}; stopping. "
                              f"The last good checkpoint is {last_path}. Try a lower --lr.")
@@ -248,7 +308,7 @@ def train_epoch(model, loader, optimizer, state, args, device, total_steps, step
         model.clamp_logit_scale()
         state["step"] += 1
         state["epoch_step"] += 1
-        pairs += len(images)
+        pairs += len(batch["images"]) * world
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{pairs / (time.time() - t0):.0f}")
         if state["step"] >= total_steps:
