@@ -9,6 +9,7 @@ Images travel as uint8 tensors (3, H, W) all the way to the model, which normali
 device: a uint8 batch is 4x smaller to copy, and the normalisation is one fused op there.
 """
 
+import errno
 import json
 import os
 
@@ -29,13 +30,18 @@ def read_captions(data_dir, split):
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; run preprocess_flickr8k.py first "
                          "(see README, 'Data').")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise SystemExit(f"error: {path} is not the UTF-8 CSV that preprocess_flickr8k.py writes "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); rerun preprocess_flickr8k.py.")
     missing = {"image", "caption", "split"} - set(df.columns)
     if missing:
         raise SystemExit(f"error: {path} lacks column(s) {sorted(missing)}; rerun preprocess_flickr8k.py.")
     df = df[df["split"] == split]
     if df.empty:
-        raise SystemExit(f"error: split '{split}' has no captions in {path}.")
+        raise SystemExit(f"error: split '{split}' has no captions in {path}; rerun preprocess_flickr8k.py "
+                         "(it writes train, val and test) or pick another split.")
     # A stable sort keeps the five captions of a photo in file order.
     return df.sort_values("image", kind="stable").reset_index(drop=True)
 
@@ -72,6 +78,7 @@ def build_image_cache(data_dir, split, size):
     os.makedirs(os.path.dirname(npy), exist_ok=True)
     tmp = npy + ".tmp.npy"
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
+    _reserve(tmp)
     for i, name in enumerate(tqdm(images, desc=f"caching {split} images", unit="img")):
         arr[i] = load_image(os.path.join(data_dir, "images", name), size)
     arr.flush()
@@ -83,6 +90,23 @@ def build_image_cache(data_dir, split, size):
         json.dump(images, f)
     os.replace(meta + ".tmp", meta)
     return npy
+
+
+def _reserve(path):
+    """Claim the disk blocks of a sparse file now: writing into a memory map on a full disk kills the
+    process with SIGBUS, while posix_fallocate reports ENOSPC as an ordinary OSError."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.path.getsize(path))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            os.remove(path)
+            raise
+        # EOPNOTSUPP and kin: a filesystem that cannot preallocate; write as before
+    finally:
+        os.close(fd)
 
 
 class ImageStore:

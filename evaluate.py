@@ -35,7 +35,9 @@ def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
-    data_dir = args.data_dir or ckpt["args"]["data_dir"]
+    data_dir = args.data_dir or ckpt["args"].get("data_dir")
+    if not data_dir:
+        raise SystemExit(f"error: {args.checkpoint} does not say which dataset it was trained on; pass --data_dir.")
     metrics = evaluate_split(model, tokenizer, data_dir, args.split, ckpt["args"]["image_size"], device,
                              args.batch_size, args.num_workers)
     n_images = metrics["n_images"]
@@ -45,11 +47,16 @@ def main(argv=None):
     print(f"chance: R@1 {chance_recall(n_images, 1):.2f}, R@10 {chance_recall(n_images, 10):.2f}")
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
+        with open(args.output_json + ".tmp", "w") as f:  # never leave half a JSON file behind
             json.dump({**metrics, "checkpoint": args.checkpoint, "split": args.split}, f, indent=2)
+        os.replace(args.output_json + ".tmp", args.output_json)
         print(f"wrote {args.output_json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)

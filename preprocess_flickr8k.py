@@ -13,8 +13,13 @@ work (downloads, extraction, photos already in images/).
 
 import argparse
 import csv
+import errno
+import hashlib
+import json
+import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -28,15 +33,22 @@ import requests
 from PIL import Image
 from tqdm import tqdm
 
-# Where --download fetches the archives from, and their sizes there in bytes. None: not yet
-# verified against the server (a wrong size would reject a good 1 GB download); the zip
-# integrity check still catches truncated or corrupt files. Fill in once measured.
+# Where --download fetches the archives from, and their sizes (bytes) and SHA-256 digests there.
+# None: not yet verified against the server (a wrong figure would reject a good 1 GB download);
+# the zip integrity check still catches truncated or corrupt files. Fill them in once measured.
 DOWNLOAD = {
     "url_base": "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/",
     "sizes": {"Flickr8k_Dataset.zip": None, "Flickr8k_text.zip": None},
+    "sha256": {"Flickr8k_Dataset.zip": None, "Flickr8k_text.zip": None},
 }
 TRIES = 4  # download attempts per archive
 BACKOFF_S = 2.0  # wait before the first retry, doubled each time (tests set it to 0)
+TIMEOUT_S = (10, 60)  # connect, and longest silence mid-download before a retry
+# Archive limits, far above Flickr8K's (~16,000 members with the __MACOSX ones; JPEGs do not
+# compress): more members or a higher unpacked/packed ratio than this is not our dataset.
+MAX_MEMBERS = 100_000
+MAX_RATIO = 100
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
 PHOTO_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")  # the official archive misspells it
@@ -47,28 +59,78 @@ class TransientError(Exception):
     """A download failure worth another try: a 5xx answer or a connection that closed early."""
 
 
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def _discard(path):
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def download(url, dest):
-    """Stream url to dest through dest.part, resuming a partial file; retry transient errors."""
-    part, name = dest + ".part", os.path.basename(dest)
+    """Stream url to dest through dest.part, resuming a partial file; retry transient errors.
+
+    dest.part.json records the url, total size and validator (ETag or Last-Modified) of the file
+    that dest.part is a prefix of. A resume sends them back (If-Range), and a partial file is kept
+    only while the server vouches for the same file; otherwise the download starts over.
+    """
+    part, meta, name = dest + ".part", dest + ".part.json", os.path.basename(dest)
     for attempt in range(TRIES):
         have = os.path.getsize(part) if os.path.exists(part) else 0
+        known = _read_json(meta) if have else None
+        if have and (not known or known.get("url") != url or not known.get("total")):
+            have = 0  # a partial file nobody can vouch for: start over
         # identity encoding: byte offsets for Range must count file bytes, not gzip bytes
-        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+        headers = {"Accept-Encoding": "identity"}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            if known.get("validator"):
+                headers["If-Range"] = known["validator"]  # the server sends all of it if the file changed
         try:
-            with requests.get(url, headers=headers, stream=True, timeout=(10, 60)) as r:
+            with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as r:
                 if r.status_code == 416:  # nothing past byte `have`: complete if the totals agree
-                    if r.headers.get("Content-Range", "").rpartition("/")[2] == str(have):
+                    server_total = r.headers.get("Content-Range", "").rpartition("/")[2]
+                    if have and server_total == str(have) == str(known["total"]):
                         break
-                    os.remove(part)
+                    _discard(part)
                     raise TransientError("partial file does not match the server's; starting over")
                 if r.status_code >= 500 or r.status_code == 429:
                     raise TransientError(f"HTTP {r.status_code}")
                 if r.status_code >= 400:
                     raise SystemExit(f"error: {url} answered HTTP {r.status_code}")
-                if r.status_code != 206:
-                    have = 0  # the server ignored Range and sends the whole file: start over
+                if r.headers.get("Content-Type", "").startswith("text/html"):
+                    # a login, error or rate-limit page: never let it overwrite a good partial file
+                    raise SystemExit(f"error: {url} is an HTML page (an error or login page?), not the archive; "
+                                     "check --url_base and your connection, then run again"
+                                     + (f" ({part} is kept and resumes)" if have else ""))
                 length = r.headers.get("Content-Length")
-                total = have + int(length) if length is not None else None
+                if r.status_code == 206:
+                    m = re.fullmatch(r"bytes (\d+)-\d+/(\d+)", r.headers.get("Content-Range", ""))
+                    if not (have and m and int(m[1]) == have and int(m[2]) == known["total"]):
+                        _discard(part)
+                        raise TransientError("the server's file differs from the partial one; starting over")
+                    total = known["total"]
+                else:  # 200: the whole file, because it is new, changed, or the server ignores Range
+                    have = 0
+                    total = int(length) if length is not None else None
+                    _write_json({"url": url, "total": total,
+                                 "validator": r.headers.get("ETag") or r.headers.get("Last-Modified")}, meta)
+                if total is not None:
+                    free = shutil.disk_usage(os.path.dirname(os.path.abspath(part))).free
+                    if total - have > free:
+                        raise SystemExit(f"error: {name} needs {(total - have) / 1e9:.2f} GB more but only "
+                                         f"{free / 1e9:.2f} GB are free there; free some space and run again")
                 with open(part, "ab" if have else "wb") as f, tqdm(
                         total=total, initial=have, unit="B", unit_scale=True, desc=name) as bar:
                     for chunk in r.iter_content(1 << 16):  # small: a cut loses at most 64 KiB
@@ -80,18 +142,30 @@ def download(url, dest):
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 TransientError) as e:
             if attempt == TRIES - 1:
-                raise SystemExit(f"error: downloading {url} failed after {TRIES} tries: {e}")
+                kept = f"; {part} is kept and the next run resumes it" if os.path.exists(part) else ""
+                raise SystemExit(f"error: downloading {url} failed after {TRIES} tries: {e}{kept}")
             wait = BACKOFF_S * 2 ** attempt
             print(f"{name}: {e}; retrying in {wait:g} s", file=sys.stderr)
             time.sleep(wait)
     os.replace(part, dest)
+    _discard(meta)
 
 
-def check_zip(path, expected_size=None, remove=False):
+def sha256sum(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_zip(path, expected_size=None, remove=False, expected_sha256=None):
     """Exit with a clear message if path is not a whole zip; remove it if it was our download."""
     size, problem = os.path.getsize(path), None
     if expected_size and size != expected_size:
         problem = f"has {size:,} bytes, expected {expected_size:,}"
+    elif expected_sha256 and sha256sum(path) != expected_sha256:
+        problem = f"does not have the expected SHA-256 {expected_sha256[:16]}... (damaged or another file)"
     elif not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             head = f.read(200).lower()
@@ -100,8 +174,16 @@ def check_zip(path, expected_size=None, remove=False):
     else:
         try:
             with zipfile.ZipFile(path) as zf:
-                bad = zf.testzip()
-            problem = f"has a corrupt member {bad}" if bad else None
+                members = zf.infolist()
+                # Declared sizes are safe to trust: zipfile stops a member at its declared size.
+                unpacked = sum(m.file_size for m in members)
+                if len(members) > MAX_MEMBERS:
+                    problem = f"has {len(members):,} members, more than {MAX_MEMBERS:,}: not a Flickr8K archive"
+                elif unpacked > MAX_RATIO * max(size, 1 << 20):
+                    problem = f"would unpack {size:,} bytes into {unpacked:,} (a zip bomb?)"
+                else:
+                    bad = zf.testzip()
+                    problem = f"has a corrupt member {bad}" if bad else None
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
             problem = f"is damaged ({e})"
     if problem:
@@ -110,17 +192,21 @@ def check_zip(path, expected_size=None, remove=False):
         raise SystemExit(f"error: {path} {problem}" + ("; removed it, run again" if remove else ""))
 
 
-def extract(zip_path, out_dir, expected_size=None, remove_bad=False):
+def extract(zip_path, out_dir, expected_size=None, remove_bad=False, expected_sha256=None):
     """Check zip_path and extract it into out_dir, once: a marker file makes later runs skip it."""
     os.makedirs(out_dir, exist_ok=True)
     marker = os.path.join(out_dir, f".{os.path.basename(zip_path)}.done")
     size = str(os.path.getsize(zip_path))
     if os.path.exists(marker) and Path(marker).read_text() == size:
         return
-    check_zip(zip_path, expected_size, remove_bad)
+    check_zip(zip_path, expected_size, remove_bad, expected_sha256)
     root = os.path.realpath(out_dir)
     with zipfile.ZipFile(zip_path) as zf:
         members = zf.infolist()
+        unpacked, free = sum(m.file_size for m in members), shutil.disk_usage(root).free
+        if unpacked > free:
+            raise SystemExit(f"error: {zip_path} unpacks to {unpacked / 1e9:.2f} GB but only {free / 1e9:.2f} GB "
+                             f"are free in {out_dir}; free some space and run again")
         for m in members:  # refuse the whole archive before writing anything ("zip slip")
             target = os.path.realpath(os.path.join(root, m.filename))
             is_link = (m.external_attr >> 16) & 0o170000 == 0o120000
@@ -147,39 +233,64 @@ def find(roots, names, want_dir, depth=3):
     return None
 
 
+NOT_UTF8 = "caption line not UTF-8 (save the file as UTF-8)"
+
+
+def open_text(path, newline=None):
+    """A captions file as text: UTF-8 with or without BOM, or UTF-16 with BOM (Excel's "Unicode
+    text"). Other bytes become U+FFFD, and the readers skip and report the lines holding them."""
+    with open(path, "rb") as f:
+        utf16 = f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    return open(path, encoding="utf-16" if utf16 else "utf-8-sig", errors="replace", newline=newline)
+
+
+def clean(text):
+    """Tabs, line breaks and runs of spaces inside a caption become one space."""
+    return " ".join(text.split())
+
+
 def read_token_file(path, skipped):
     """Lines 'IMAGE.jpg#N<TAB>caption' -> {image: [captions]}; bad lines go to skipped."""
     captions = defaultdict(list)
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
+    with open_text(path) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             key, tab, caption = line.partition("\t")
             image, hash_, n = key.strip().rpartition("#")
-            if not tab or not hash_ or not image or not n.isdigit():
+            if "\ufffd" in line:
+                skipped[NOT_UTF8].append((f"line {i}: {line.strip()[:50]!r}", 1))
+            elif not tab or not hash_ or not image or not n.isdigit():
                 skipped["malformed caption line (want IMAGE.jpg#N<TAB>caption)"].append(
                     (f"line {i}: {line.strip()[:50]!r}", 1))
             elif not caption.strip():
                 skipped["empty caption"].append((f"line {i}: {image}", 1))
             else:
-                captions[image].append(caption.strip())
+                captions[image].append(clean(caption))
     return captions
 
 
 def read_caption_csv(path, skipped):
-    """A CSV with header image,caption -> {image: [captions]}; bad rows go to skipped."""
+    """A CSV with header image,caption (any case and order, more columns allowed) -> {image: [captions]};
+    bad rows go to skipped."""
     captions = defaultdict(list)
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+    with open_text(path, newline="") as f:
         reader = csv.DictReader(f)
-        if not {"image", "caption"} <= set(reader.fieldnames or []):
+        try:
+            reader.fieldnames = [(n or "").strip().lower() for n in reader.fieldnames or []]
+        except csv.Error as e:  # e.g. a binary file passed as the CSV
+            raise SystemExit(f"error: {path} is not CSV: {e}") from None
+        if not {"image", "caption"} <= set(reader.fieldnames):
             raise SystemExit(f"error: {path} needs a header with columns image,caption, "
                              f"found {str(reader.fieldnames)[:60]}")
         try:
             for row in reader:
                 # an unquoted comma in a caption spills into extra fields: glue them back on
-                caption = ",".join([row["caption"] or "", *row.get(None, [])]).strip()
+                caption = clean(",".join([row["caption"] or "", *row.get(None, [])]))
                 image = (row["image"] or "").strip()
-                if not image:
+                if "\ufffd" in caption + image:
+                    skipped[NOT_UTF8].append((f"line {reader.line_num}: {image}", 1))
+                elif not image:
                     skipped["malformed caption line (no image name)"].append((f"line {reader.line_num}", 1))
                 elif not caption:
                     skipped["empty caption"].append((f"line {reader.line_num}: {image}", 1))
@@ -225,19 +336,20 @@ def load_source(args, skipped):
             if not os.path.exists(dest):
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 download(args.url_base.rstrip("/") + "/" + name, dest)
-            # the sizes we know are those of the default server; a mirror may differ
-            archives.append((dest, size if args.url_base == DOWNLOAD["url_base"] else None))
+            # the figures we know are those of the default server's files; a mirror may differ
+            default = args.url_base == DOWNLOAD["url_base"]
+            archives.append((dest, size if default else None, DOWNLOAD["sha256"][name] if default else None))
     else:
         if not os.path.exists(args.source):
             raise SystemExit(f"error: --source {args.source} does not exist")
         found = [os.path.join(args.source, n) for n in DOWNLOAD["sizes"]]
-        archives = [(p, None) for p in ([args.source] if os.path.isfile(args.source) else found)
+        archives = [(p, None, None) for p in ([args.source] if os.path.isfile(args.source) else found)
                     if os.path.isfile(p)]
         if os.path.isdir(args.source):
             roots.append(args.source)
     raw = os.path.join(args.data_dir, "raw")
-    for path, size in archives:
-        extract(path, raw, size, remove_bad=args.download)
+    for path, size, digest in archives:
+        extract(path, raw, size, remove_bad=args.download, expected_sha256=digest)
     roots = ([raw] if archives else []) + roots
     token = find(roots, ["Flickr8k.token.txt"], want_dir=False)
     if token:
@@ -257,10 +369,15 @@ def load_source(args, skipped):
 def verify_image(path):
     """None if PIL can decode the whole file, else why not."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only; PIL refuses 2x MAX_IMAGE_PIXELS here
+            w, h = im.size
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:  # PIL would only warn
+                return f"too large ({w}x{h} pixels; a decompression bomb?)"
             im.load()
     except Image.UnidentifiedImageError:
         return "not an image PIL can read"
+    except Image.DecompressionBombError:
+        return "too large (a decompression bomb?)"
     except Exception as e:  # PIL raises many types for broken files; every one means unusable
         return f"{type(e).__name__}: {e}"[:80]
     return None
@@ -297,7 +414,11 @@ def collect(captions, splits, photo_dir, data_dir, skipped, num_workers):
                 todo.append(image)
     with ThreadPoolExecutor(num_workers) as pool:  # PIL decodes without holding the GIL
         paths = [os.path.join(photo_dir, im) for im in todo]
-        errors = list(tqdm(pool.map(verify_image, paths), total=len(paths), desc="verify", unit="photo"))
+        try:
+            errors = list(tqdm(pool.map(verify_image, paths), total=len(paths), desc="verify", unit="photo"))
+        except KeyboardInterrupt:  # else leaving the `with` would wait for every queued photo
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     bad = set()
     for image, err in zip(todo, errors):
         if err:
@@ -349,9 +470,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if bool(args.captions) != bool(args.images):
         parser.error("--captions and --images go together")
-    if min(args.split_ratio) < 0 or sum(args.split_ratio) <= 0:
+    if not all(0 <= r < math.inf for r in args.split_ratio) or sum(args.split_ratio) <= 0:
         parser.error("--split_ratio needs three non-negative numbers with a positive sum")
+    if args.num_workers < 1:
+        parser.error("--num_workers must be at least 1")
+    try:
+        prepare(args)
+    except OSError as e:  # anything else is a bug, and its traceback says where
+        if e.errno not in DISK_FULL:
+            raise
+        raise SystemExit(f"error: no space left on the device ({e.filename or args.data_dir}); free some space "
+                         "and run again: finished downloads, extraction and photos are kept") from None
 
+
+def prepare(args):
     skipped = defaultdict(list)  # reason -> [(example, captions lost)]
     if args.demo:
         # lazy imports: only --demo needs these, and model.py pulls in torch and transformers
@@ -381,4 +513,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue: finished downloads, extraction and "
+              "photos are kept", file=sys.stderr)
+        sys.exit(130)

@@ -25,7 +25,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import Collate, PairDataset, read_captions
-from model import gather_batch, info_nce, load_tokenizer, model_from_args, pick_device, read_checkpoint, save_checkpoint
+from model import (
+    gather_batch,
+    info_nce,
+    load_tokenizer,
+    load_weights,
+    model_from_args,
+    pick_device,
+    read_checkpoint,
+    save_checkpoint,
+)
 from retrieval import evaluate_split, format_metrics
 
 
@@ -78,8 +87,10 @@ def get_args(argv=None):
             p.error(f"--{name} must be at least 1")
     if args.num_workers < 0 or args.max_steps < 0 or args.warmup_steps < 0:
         p.error("--num_workers, --max_steps and --warmup_steps cannot be negative")
-    if args.temperature <= 0:
-        p.error("--temperature must be positive")
+    if not 0 < args.temperature < math.inf:  # also refuses nan
+        p.error("--temperature must be a positive number")
+    if not all(0 <= x < math.inf for x in (args.lr, args.head_lr, args.weight_decay)):
+        p.error("--lr, --head_lr and --weight_decay must be non-negative numbers")
     if args.no_pretrained and args.image_weights:
         p.error("--no_pretrained and --image_weights contradict each other")
     return args
@@ -201,10 +212,15 @@ def run(args, device):
     # `epoch_step` counts the batches of the current one already trained.
     state = {"epoch": 0, "step": 0, "epoch_step": 0, "best_rsum": -1.0, "history": []}
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = {k: ckpt[k] for k in state}
-        torch.set_rng_state(ckpt["rng_state"])
+        load_weights(model, ckpt["model"], last_path)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            state = {k: ckpt[k] for k in state}
+            torch.set_rng_state(ckpt["rng_state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"error: cannot resume from {last_path} ({type(e).__name__}: {e}): it is not a "
+                             "training checkpoint of this train.py, or the run used another --freeze_image. "
+                             "Resume with the run's own flags, or start a new --model_dir.")
         log(f"resumed from {last_path}: epoch {state['epoch']}, step {state['step']}")
     # DDP averages gradients across processes in backward (model.gather_batch explains why that
     # mean is the gradient of the global batch). static_graph: a text tower with a pooler (BERT)
@@ -213,6 +229,10 @@ def run(args, device):
               static_graph=True) if ddp else model
 
     def save(path):
+        # Never let a diverged model replace a good checkpoint (the loss check misses NaN gradients).
+        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+            raise SystemExit(f"error: the weights became NaN or infinite by step {state['step']}; "
+                             f"stopping without saving them ({kept(last_path)}). Try a lower --lr.")
         metrics = state["history"][-1]["val"] if state["history"] else None
         save_checkpoint(path, model, model_args, state["epoch"], metrics, optimizer,
                         rng_state=torch.get_rng_state(), **{k: v for k, v in state.items() if k != "epoch"})
@@ -300,8 +320,8 @@ def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_
             g["lr"] = g["base_lr"] * lr_factor(state["step"], args.warmup_steps, total_steps)
         loss = batch_loss(net, batch, device, not args.no_same_image_mask)
         if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss became {loss.item()} at step {state['step']}; stopping. "
-                             f"The last good checkpoint is {last_path}. Try a lower --lr.")
+            raise SystemExit(f"error: loss became {loss.item()} at step {state['step']}; stopping "
+                             f"({kept(last_path)}). Try a lower --lr.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -317,5 +337,13 @@ def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_
     return sum(losses) / max(len(losses), 1), pairs / max(time.time() - t0, 1e-9)
 
 
+def kept(last_path):
+    return f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) else "no checkpoint yet"
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C while saving
+        print("\ninterrupted; checkpoints already written are complete (writes are atomic)", file=sys.stderr)
+        sys.exit(130)

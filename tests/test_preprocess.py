@@ -2,14 +2,20 @@
 resumable downloads from a local HTTP server."""
 
 import csv
+import errno
+import hashlib
 import io
+import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
+import time
 import types
 import zipfile
+from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -251,8 +257,13 @@ def test_cache_and_demo_call_the_repo_functions(tmp_path, monkeypatch):
 # --- downloads from a local server --------------------------------------------------------
 
 
+def etag(data):
+    return '"' + hashlib.sha1(data).hexdigest()[:16] + '"'
+
+
 class Handler(BaseHTTPRequestHandler):
-    """Serves server.files with Range support; server.plan[name] lists a behaviour per request."""
+    """Serves server.files with Range and If-Range support (ETags unless server.etags is False);
+    server.plan[name] lists a behaviour per request."""
 
     def do_GET(self):
         name, srv = self.path.lstrip("/"), self.server
@@ -262,14 +273,20 @@ class Handler(BaseHTTPRequestHandler):
         if how == "503" or name not in srv.files:
             self.send_error(503 if how == "503" else 404)
             return
-        if how == "html":
+        if how in ("html", "html_octet"):  # an error page, labelled as such or as a binary file
             self.send_response(200)
             body = b"<!DOCTYPE html><html><body>Rate limit exceeded</body></html>"
-            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Type", "text/html" if how == "html" else "application/octet-stream")
         else:
             data, start = srv.files[name], 0
             rng = self.headers.get("Range")
-            if rng and how != "ignore_range":
+            if_range = self.headers.get("If-Range")
+            if if_range and if_range != etag(data):  # the file changed: send all of it
+                rng = None
+            if how == "wrong_start":  # a broken server: 206, but from byte 0
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}")
+            elif rng and how != "ignore_range":
                 start = int(rng.removeprefix("bytes=").rstrip("-"))
                 if start >= len(data):
                     self.send_response(416)
@@ -281,11 +298,16 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             else:
                 self.send_response(200)
+            if srv.etags:
+                self.send_header("ETag", etag(data))
             body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if how == "cut":  # half the promised bytes, then the connection drops
+        if how in ("cut", "stall"):  # half the promised bytes, then the connection drops or goes silent
             self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            if how == "stall":
+                srv.release.wait(30)
             self.close_connection = True
             return
         self.wfile.write(body)
@@ -300,11 +322,12 @@ def server(monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy set in the environment must not see these requests
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.plan, srv.log = {}, {}, []
+    srv.files, srv.plan, srv.log, srv.etags, srv.release = {}, {}, [], True, threading.Event()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv
+    srv.release.set()  # let stalled answers end
     srv.shutdown()
     srv.server_close()
 
@@ -330,18 +353,51 @@ def test_download_resumes_and_retries(tmp_path, server, capsys):
     assert server.log == []  # finished downloads are not fetched again
 
 
-@pytest.mark.parametrize("case", ["ignore_range", "complete", "longer"])
-def test_download_partial_file_cases(tmp_path, server, case):
+def partial(folder, url, prefix, total, validator=None):
+    """A partial download as download() leaves it: the prefix and the record of the file it is from."""
+    (folder / "f.bin.part").write_bytes(prefix)
+    (folder / "f.bin.part.json").write_text(json.dumps({"url": url, "total": total, "validator": validator}))
+
+
+# case -> the Range header of each request: a partial file is resumed only while the server vouches
+# that it is a prefix of the file it serves now; otherwise the download starts over.
+PARTIAL_CASES = {
+    "resume": ["bytes=1000-"],
+    "complete": ["bytes=10240-"],  # 416: nothing left to fetch
+    "longer": ["bytes=10245-", None],  # 416 with another total: start over
+    "ignore_range": ["bytes=1000-"],  # the server answers 200 with the whole file
+    "changed_etag": ["bytes=1000-"],  # If-Range: a changed file comes whole
+    "changed_size": ["bytes=1000-", None],  # no ETags, but Content-Range names another total
+    "wrong_start": ["bytes=1000-", None],  # 206 from another offset
+    "unvouched": [None],  # no record of what the partial file belongs to
+    "other_url": [None],
+}
+
+
+@pytest.mark.parametrize("case", PARTIAL_CASES)
+def test_download_keeps_a_partial_file_only_when_it_is_a_valid_prefix(tmp_path, server, case):
     data = bytes(range(256)) * 40
+    old = data[::-1]  # what the server held when the partial download began
+    url = server.url + "f.bin"
     server.files = {"f.bin": data}
-    part = tmp_path / "f.bin.part"
-    if case == "ignore_range":  # a server that answers 200 to Range: start over
-        server.plan = {"f.bin": ["ignore_range"]}
-        part.write_bytes(b"garbage")
-    else:  # 416: complete if the sizes agree, else start over
-        part.write_bytes(data if case == "complete" else data + b"extra")
-    pf.download(server.url + "f.bin", str(tmp_path / "f.bin"))
-    assert (tmp_path / "f.bin").read_bytes() == data and not part.exists()
+    server.plan = {"f.bin": [case]}
+    if case in ("resume", "ignore_range", "wrong_start"):
+        partial(tmp_path, url, data[:1000], len(data), etag(data))
+    elif case in ("complete", "longer"):
+        partial(tmp_path, url, data + b"extra"[: 5 * (case == "longer")], len(data) + 5 * (case == "longer"))
+    elif case == "changed_etag":
+        partial(tmp_path, url, old[:1000], len(old), etag(old))
+    elif case == "changed_size":
+        server.etags = False
+        partial(tmp_path, url, old[:1000], len(old) + 1)
+    elif case == "unvouched":
+        (tmp_path / "f.bin.part").write_bytes(data[:1000])
+    else:
+        partial(tmp_path, server.url + "elsewhere.bin", data[:1000], len(data), etag(data))
+    pf.download(url, str(tmp_path / "f.bin"))
+    assert [r for _, r in server.log] == PARTIAL_CASES[case]
+    assert (tmp_path / "f.bin").read_bytes() == data
+    assert not (tmp_path / "f.bin.part").exists() and not (tmp_path / "f.bin.part.json").exists()
 
 
 def test_download_gives_up_with_a_clear_message(tmp_path, server):
@@ -354,15 +410,118 @@ def test_download_gives_up_with_a_clear_message(tmp_path, server):
     assert len(server.log) == pf.TRIES + 1  # a 404 is not retried
 
 
-def test_download_html_page_is_rejected(tmp_path, server):
+@pytest.mark.parametrize("how", ["html", "html_octet"])
+def test_download_html_page_is_rejected(tmp_path, server, how):
     archives = official_archives(tmp_path / "served")
     server.files = {p.name: p.read_bytes() for p in archives.iterdir()}
-    server.plan = {"Flickr8k_Dataset.zip": ["html"]}
+    server.plan = {"Flickr8k_Dataset.zip": [how]}
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match=r"Flickr8k_Dataset.zip is an HTML page .*removed it"):
+    # Labelled text/html, it is refused before a byte is written; labelled as binary, the zip check
+    # finds the HTML after the download and removes the file.
+    message = "is an HTML page .*not the archive" if how == "html" else "is an HTML page .*removed it"
+    with pytest.raises(SystemExit, match=r"Flickr8k_Dataset.zip " + message):
         run("--download", "--url_base", server.url, "--data_dir", out)
     assert not (out / "downloads" / "Flickr8k_Dataset.zip").exists()
     run("--download", "--url_base", server.url, "--data_dir", out)  # the next run fetches it again
+    assert (out / "captions.csv").read_text() == EXPECTED_CSV
+
+
+def test_html_page_never_overwrites_a_partial_download(tmp_path, server):
+    data = bytes(range(256)) * 40
+    url = server.url + "f.bin"
+    server.files = {"f.bin": data}
+    server.plan = {"f.bin": ["html"]}
+    partial(tmp_path, url, data[:1000], len(data), etag(data))
+    with pytest.raises(SystemExit, match=r"is an HTML page .*f.bin.part is kept"):
+        pf.download(url, str(tmp_path / "f.bin"))
+    assert (tmp_path / "f.bin.part").read_bytes() == data[:1000]
+    pf.download(url, str(tmp_path / "f.bin"))
+    assert server.log[-1] == ("f.bin", "bytes=1000-") and (tmp_path / "f.bin").read_bytes() == data
+
+
+def test_stalled_connection_times_out_retries_and_resumes(tmp_path, server, monkeypatch):
+    monkeypatch.setattr(pf, "TIMEOUT_S", (5, 1.0))  # seconds of silence before giving up on an answer
+    data = random.Random(0).randbytes(300_000)
+    url = server.url + "f.bin"
+    server.files = {"f.bin": data}
+    server.plan = {"f.bin": ["stall"]}
+    pf.download(url, str(tmp_path / "f.bin"))
+    assert (tmp_path / "f.bin").read_bytes() == data
+    assert [r for _, r in server.log] == [None, f"bytes={150_000 // 65536 * 65536}-"]
+    monkeypatch.setattr(pf, "TRIES", 2)
+    server.plan = {"f.bin": ["stall"] * 2}
+    with pytest.raises(SystemExit, match="failed after 2 tries: .*timed out.*f2.bin.part is kept"):
+        pf.download(url, str(tmp_path / "f2.bin"))
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_partial_download(tmp_path, server, monkeypatch):
+    archives = official_archives(tmp_path / "served", padding=300_000)
+    server.files = {p.name: p.read_bytes() for p in archives.iterdir()}
+    out = tmp_path / "out"
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    with pytest.raises(SystemExit, match=r"Flickr8k_Dataset.zip needs 0.00 GB more but only 0.00 GB are free"):
+        run("--download", "--url_base", server.url, "--data_dir", out)
+    monkeypatch.undo()
+    monkeypatch.setattr(pf, "BACKOFF_S", 0.0)
+
+    class FullDisk(io.FileIO):  # the disk fills up after the first 64 KiB chunk
+        def write(self, b):
+            if self.tell() >= 65536:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    real_open = open
+    monkeypatch.setattr(pf, "open", lambda f, mode="r", *a, **k: FullDisk(f, mode[0]) if str(f).endswith(".part")
+                        else real_open(f, mode, *a, **k), raising=False)
+    with pytest.raises(SystemExit, match=r"^error: no space left on the device .*run again"):
+        run("--download", "--url_base", server.url, "--data_dir", out)
+    part = out / "downloads" / "Flickr8k_Dataset.zip.part"
+    assert part.read_bytes() == server.files["Flickr8k_Dataset.zip"][:65536]  # a valid prefix, kept
+    monkeypatch.undo()
+    monkeypatch.setattr(pf, "BACKOFF_S", 0.0)
+    run("--download", "--url_base", server.url, "--data_dir", out)
+    assert ("Flickr8k_Dataset.zip", "bytes=65536-") in server.log
+    assert (out / "captions.csv").read_text() == EXPECTED_CSV
+
+
+def test_checksum_mismatch_removes_the_download(tmp_path, server, monkeypatch):
+    archives = official_archives(tmp_path / "served")
+    server.files = {p.name: p.read_bytes() for p in archives.iterdir()}
+    digests = {n: hashlib.sha256(d).hexdigest() for n, d in server.files.items()}
+    monkeypatch.setitem(pf.DOWNLOAD, "url_base", server.url)  # known digests describe the default server
+    monkeypatch.setitem(pf.DOWNLOAD, "sha256", {**digests, "Flickr8k_Dataset.zip": "0" * 64})
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"Flickr8k_Dataset.zip does not have the expected SHA-256 0000.*removed it"):
+        run("--download", "--data_dir", out)
+    assert not (out / "downloads" / "Flickr8k_Dataset.zip").exists()
+    monkeypatch.setitem(pf.DOWNLOAD, "sha256", digests)
+    run("--download", "--data_dir", out)
+    assert (out / "captions.csv").read_text() == EXPECTED_CSV
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_download_interrupted_by_a_signal_resumes(tmp_path, server, sig):
+    archives = official_archives(tmp_path / "served", padding=300_000)
+    server.files = {p.name: p.read_bytes() for p in archives.iterdir()}
+    server.plan = {"Flickr8k_Dataset.zip": ["stall"]}
+    out = tmp_path / "out"
+    part = out / "downloads" / "Flickr8k_Dataset.zip.part"
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--download", "--url_base", server.url, "--data_dir", out,
+                             "--cache_size", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while not (part.exists() and part.stat().st_size >= 65536) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)  # the whole process group, as a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    if sig == signal.SIGINT:
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted; run the same")
+    have = part.stat().st_size
+    assert have >= 65536 and part.read_bytes() == server.files["Flickr8k_Dataset.zip"][:have]
+    server.release.set()
+    run("--download", "--url_base", server.url, "--data_dir", out)
+    assert server.log[1] == ("Flickr8k_Dataset.zip", f"bytes={have}-")
     assert (out / "captions.csv").read_text() == EXPECTED_CSV
 
 
@@ -371,3 +530,109 @@ def test_expected_size_is_checked(tmp_path):
     with pytest.raises(SystemExit, match="bytes, expected 5"):
         pf.check_zip(str(path), expected_size=5)
     assert path.exists()  # not ours to delete
+
+
+# --- archives, captions files, photos, flags, interruption ----------------------------------
+
+
+def test_zip_with_too_many_members_or_a_bomb_is_refused(tmp_path, monkeypatch):
+    src = official_archives(tmp_path / "src")
+    monkeypatch.setattr(pf, "MAX_MEMBERS", 5)  # the photo archive has 7
+    with pytest.raises(SystemExit, match=r"Flickr8k_Dataset.zip has 7 members, more than 5"):
+        pf.extract(str(src / "Flickr8k_Dataset.zip"), str(tmp_path / "raw"))
+    monkeypatch.undo()
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.bin", bytes(101 << 20))  # 101 MiB of zeros pack into ~100 KiB
+    with pytest.raises(SystemExit, match=r"bomb.zip would unpack .* into 105,906,176 \(a zip bomb\?\)"):
+        pf.extract(str(bomb), str(tmp_path / "raw"))
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100))
+    with pytest.raises(SystemExit, match=r"Flickr8k_text.zip unpacks to 0.00 GB but only 0.00 GB are free"):
+        pf.extract(str(src / "Flickr8k_text.zip"), str(tmp_path / "raw"))
+    assert os.listdir(tmp_path / "raw") == [] and bomb.exists()  # nothing written, the user's files kept
+
+
+def read_token(tmp_path, data):
+    (tmp_path / "t.txt").write_bytes(data)
+    skipped = defaultdict(list)
+    return dict(pf.read_token_file(str(tmp_path / "t.txt"), skipped)), skipped
+
+
+def test_token_file_with_bom_crlf_tabs_and_a_latin1_line(tmp_path):
+    data = ("\ufeffa.jpg#0\tA dog\truns  fast\r\n"  # a tab inside the caption, CRLF line ends
+            "a.jpg#1\textra\tcolumns\there\r\n").encode() + "b.jpg#0\tcaf\xe9 au lait\r\n".encode("latin-1")
+    captions, skipped = read_token(tmp_path, data)
+    assert captions == {"a.jpg": ["A dog runs fast", "extra columns here"]}
+    assert [item for item, _ in skipped[pf.NOT_UTF8]] == ["line 3: 'b.jpg#0\\tcaf\ufffd au lait'"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
+def test_captions_csv_encodings_columns_and_line_ends(tmp_path, encoding):
+    text = ("Caption , IMAGE,source\r\n"  # any case and order, spaces, an extra column
+            '"two\tlines,\r\nof text",x.jpg,flickr\r\n'
+            "caf\u00e9 cr\u00e8me,y.jpg,mine\r\n"
+            "z.jpg\r\n")  # a short row: no caption
+    (tmp_path / "c.csv").write_bytes(text.encode(encoding))
+    skipped = defaultdict(list)
+    captions = pf.read_caption_csv(str(tmp_path / "c.csv"), skipped)
+    assert captions == {"x.jpg": ["two lines, of text"], "y.jpg": ["caf\u00e9 cr\u00e8me"]}
+    assert list(skipped) == ["malformed caption line (no image name)"]  # z.jpg landed in the caption column
+
+
+def test_captions_csv_in_latin1_or_missing_columns(tmp_path):
+    (tmp_path / "c.csv").write_bytes("image,caption\nx.jpg,a plain one\ny.jpg,caf\xe9\n".encode("latin-1"))
+    skipped = defaultdict(list)
+    assert pf.read_caption_csv(str(tmp_path / "c.csv"), skipped) == {"x.jpg": ["a plain one"]}
+    assert [item for item, _ in skipped[pf.NOT_UTF8]] == ["line 3: y.jpg"]
+    (tmp_path / "c.csv").write_text("image;caption\nx.jpg;a semicolon file\n")
+    with pytest.raises(SystemExit, match=r"needs a header with columns image,caption, found \['image;caption'\]"):
+        pf.read_caption_csv(str(tmp_path / "c.csv"), skipped)
+    (tmp_path / "c.csv").write_bytes(b"x" * 200_000)  # e.g. a binary file without line breaks
+    with pytest.raises(SystemExit, match="is not CSV: field larger than field limit"):
+        pf.read_caption_csv(str(tmp_path / "c.csv"), skipped)
+
+
+def test_photo_modes_are_accepted_and_huge_photos_refused(tmp_path, monkeypatch):
+    photos = {"i16.png": Image.new("I;16", (40, 30)), "cmyk.jpg": Image.new("CMYK", (40, 30), (0, 50, 90, 10)),
+              "palette.png": Image.new("P", (40, 30)), "la.png": Image.new("LA", (40, 30))}
+    for name, im in photos.items():
+        im.save(tmp_path / name)
+    frames = [Image.new("RGB", (40, 30), (80 * i, 0, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    for name in [*photos, "anim.gif"]:
+        assert pf.verify_image(str(tmp_path / name)) is None, name
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.warns(Image.DecompressionBombWarning):  # PIL only warns below 2x the limit
+        assert pf.verify_image(str(tmp_path / "cmyk.jpg")) == "too large (40x30 pixels; a decompression bomb?)"
+    Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")  # past 2x the limit PIL refuses it at open
+    assert pf.verify_image(str(tmp_path / "bomb.png")) == "too large (a decompression bomb?)"
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--demo", "--source", "x"], ["--demo", "--num_workers", "0"],
+                                  ["--demo", "--split_ratio", "nan", "1", "1"], ["--demo", "--images", "x"]])
+def test_bad_flags_get_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        pf.main(argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_interrupted_preparation_resumes_where_it_stopped(tmp_path, monkeypatch):
+    src, out = official_folders(tmp_path / "src"), tmp_path / "out"
+    copied, real = [], pf.link_or_copy
+
+    def interrupt_on_second(a, b):
+        if copied:
+            raise KeyboardInterrupt
+        copied.append(os.path.basename(b))
+        real(a, b)
+
+    monkeypatch.setattr(pf, "link_or_copy", interrupt_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run("--source", src, "--data_dir", out)
+    assert os.listdir(out / "images") == copied and not (out / "captions.csv").exists()
+    monkeypatch.undo()
+    verified, real_verify = [], pf.verify_image
+    monkeypatch.setattr(pf, "verify_image", lambda p: verified.append(os.path.basename(p)) or real_verify(p))
+    run("--source", src, "--data_dir", out)
+    assert (out / "captions.csv").read_text() == EXPECTED_CSV
+    assert copied[0] not in verified and len(verified) == 4  # finished photos are not checked again
