@@ -172,23 +172,14 @@ def save_grid(paths, scores, out_path, title, query_image=None, show=False):
     plt.close(fig)
 
 
-def main(argv=None):
-    args = get_args(argv)
-    texts = read_queries(args.queries) if args.queries else [args.query] if args.query else None
-    device = pick_device(args.device)
-    model, tokenizer, ckpt = load_model(args.checkpoint, device)
+def index_gallery(args, model, ckpt):
+    """Bring the gallery's index up to date and save it. Returns (index, folder the paths are
+    relative to as the user named it, whether Ctrl-C cut the indexing short)."""
     image_size = ckpt["args"]["image_size"]
-    if args.image:  # read it before indexing, so a bad file fails at once
-        try:
-            query_img = torch.from_numpy(load_image(args.image, image_size)).permute(2, 0, 1)
-        except Exception as e:
-            raise SystemExit(f"error: cannot read --image {args.image} ({type(e).__name__}: {e}); "
-                             f"give a JPEG, PNG or WebP photo.")
-
-    # gallery: Flickr8K photos, or a folder of the user's own
     if args.images_dir:
         shown_root = args.images_dir
         root = os.path.realpath(args.images_dir)
+        # The folder's name for people, a hash of its full path for uniqueness (two "photos" folders).
         name = f"{slug(os.path.basename(root) or 'root', 30)}-{hashlib.sha1(root.encode()).hexdigest()[:8]}"
         files = scan_folder(root)
     else:
@@ -197,12 +188,14 @@ def main(argv=None):
         root = os.path.realpath(shown_root)
         name = "test" if args.use_test_set else "all"
         files = flickr_files(root, gallery_images(data_dir, args.use_test_set))
+    # Beside the checkpoint, not in the photo folder: that may be read-only, synced or shared.
     index_dir = args.index_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     path = os.path.join(index_dir, f"index_{stem}_{name}.pt")
     ix = GalleryIndex.open(path, model_fingerprint(model, image_size), root, model.image_proj.out_features,
                            os.path.abspath(args.checkpoint), log)
-    report = ix.update(files, model, image_size, device, args.batch_size, args.num_workers)
+    report = ix.update(files, model, image_size, next(model.parameters()).device, args.batch_size,
+                       args.num_workers)
     if report["changed"] or not os.path.exists(path):
         try:
             os.makedirs(index_dir, exist_ok=True)
@@ -211,7 +204,35 @@ def main(argv=None):
             log(f"warning: could not save the index to {path} ({e.strerror}); "
                 "pass --index_dir with a writable folder to keep it between runs.")
     report_index(ix, report, path)
-    if report["interrupted"]:
+    return ix, shown_root, report["interrupted"]
+
+
+def print_results(labels, results, n, as_image, as_json):
+    if as_json:
+        print(json.dumps([{"query": label, "rank": rank, "path": p, "score": round(s, 6)}
+                          for label, hits in zip(labels, results) for rank, (p, s) in enumerate(hits, 1)],
+                         ensure_ascii=False, indent=1))
+        return
+    for i, (label, hits) in enumerate(zip(labels, results)):
+        what = f"like {label}" if as_image else f'for "{label}"'
+        print(("\n" if i else "") + f"top {len(hits)} of {n} photos {what}:")
+        for rank, (p, s) in enumerate(hits, 1):
+            print(f"{rank:3d}  {s:.4f}  {p}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    labels = read_queries(args.queries) if args.queries else [args.query or args.image]
+    device = pick_device(args.device)
+    model, tokenizer, ckpt = load_model(args.checkpoint, device)
+    if args.image:  # read it before indexing, so a bad file fails at once
+        try:
+            query_img = torch.from_numpy(load_image(args.image, ckpt["args"]["image_size"])).permute(2, 0, 1)
+        except Exception as e:
+            raise SystemExit(f"error: cannot read --image {args.image} ({type(e).__name__}: {e}); "
+                             "give a JPEG, PNG or WebP photo.")
+    ix, shown_root, interrupted = index_gallery(args, model, ckpt)
+    if interrupted:
         log(f"interrupted: {len(ix)} photos indexed and saved; run again to index the rest.")
         return 130
     if not len(ix):
@@ -221,29 +242,18 @@ def main(argv=None):
     with torch.no_grad():
         if args.image:
             q_emb = model.encode_images(query_img[None].to(device)).cpu()  # (1, D)
-            labels = [args.image]
         else:
-            q_emb = encode_texts(model, tokenizer, texts, device, desc="encoding queries")  # (Q, D)
-            labels = texts
+            q_emb = encode_texts(model, tokenizer, labels, device, desc="encoding queries")  # (Q, D)
     scores, rows = ix.top_k(q_emb, args.top_k)  # (Q, k) each
     results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in zip(rr, ss)]
                for rr, ss in zip(rows.tolist(), scores.tolist())]
-    if args.json:
-        print(json.dumps([{"query": label, "rank": rank, "path": p, "score": round(s, 6)}
-                          for label, hits in zip(labels, results) for rank, (p, s) in enumerate(hits, 1)],
-                         ensure_ascii=False, indent=1))
-        return 0
-    for i, (label, hits) in enumerate(zip(labels, results)):
-        what = f"like {label}" if args.image else f'for "{label}"'
-        print(("\n" if i else "") + f"top {len(hits)} of {len(ix)} photos {what}:")
-        for rank, (p, s) in enumerate(hits, 1):
-            print(f"{rank:3d}  {s:.4f}  {p}")
-    if args.queries:
+    print_results(labels, results, len(ix), bool(args.image), args.json)
+    if args.json or args.queries:
         return 0
     os.makedirs(args.output_dir, exist_ok=True)
     if args.image:
-        name = os.path.basename(args.image)
-        out, title = f"search_image_{slug(os.path.splitext(name)[0])}.png", f"photos like {name}"
+        base = os.path.basename(args.image)
+        out, title = f"search_image_{slug(os.path.splitext(base)[0])}.png", f"photos like {base}"
     else:
         out, title = f"search_{slug(args.query)}.png", f'"{args.query}"'
     out = os.path.join(args.output_dir, out)

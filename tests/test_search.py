@@ -292,3 +292,13 @@ def test_ctrl_c_while_indexing_keeps_the_photos_done(photos, ckpts, tmp_path, ca
     assert rc == 130 and "run again" in err and out == ""
     rc, out, err = run(capsys, *argv)
     assert rc == 0 and encoded == [4, 2] and len(json.loads(out)) == 4
+
+
+def test_flickr8k_gallery_by_text_and_image(tiny_data, ckpts, tmp_path, capsys):
+    common = ("--checkpoint", ckpts[0], "--data_dir", tiny_data, "--use_test_set", "--output_dir", tmp_path)
+    rc, out, err = run(capsys, *common, "--query", "a red circle")  # top_k 9 of 8 test photos
+    assert rc == 0 and out.startswith("top 8 of 8 photos") and (tmp_path / "search_a_red_circle.png").exists()
+    assert os.path.exists(os.path.join(os.path.dirname(ckpts[0]), "index_best_test.pt"))
+    query = os.path.join(tiny_data, "images", "blue_square_7.jpg")
+    rc, out, err = run(capsys, *common, "--image", query, "--top_k", "2")
+    assert rc == 0 and out.splitlines()[1].split()[2] == query
