@@ -115,10 +115,8 @@ class GalleryIndex:
         """The index stored at `path`, or None when there is none or it cannot be read."""
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            return None
         except Exception:
-            return None  # a damaged or foreign file is rebuilt, like a missing one
+            return None  # missing, damaged or foreign: rebuilt either way
         if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
             return None
         ix = cls(data["fingerprint"], data["root"], data["embeddings"].shape[1], data["checkpoint"])
@@ -131,14 +129,16 @@ class GalleryIndex:
     def open(cls, path, fingerprint, root, dim, checkpoint, log=print):
         """The index at `path` if the same model made it for the same folder, else an empty one."""
         ix = cls.load(path)
-        if ix is not None and ix.fingerprint != fingerprint:
+        if ix is None and os.path.exists(path):
+            log(f"{path} is damaged or from an older version; re-encoding every photo.")
+        elif ix is not None and ix.fingerprint != fingerprint:
             log(f"{path} was made by another checkpoint ({ix.checkpoint}); re-encoding every photo with "
                 f"{checkpoint} so that two embedding spaces never mix.")
             ix = None
         elif ix is not None and ix.root != root:
             log(f"{path} indexes another folder ({ix.root}); re-encoding every photo of {root}.")
             ix = None
-        return ix or cls(fingerprint, root, dim, checkpoint)
+        return ix if ix is not None else cls(fingerprint, root, dim, checkpoint)
 
     def save(self, path):
         """Write atomically: a crash mid-write leaves the previous index intact."""

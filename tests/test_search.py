@@ -257,7 +257,7 @@ def test_index_of_another_checkpoint_is_rebuilt(photos, ckpts, tmp_path, capsys,
     assert GalleryIndex.load(path).fingerprint == model_fingerprint(model_b, 32)
 
 
-def test_bad_input_is_a_clear_error(photos, ckpts, tmp_path, capsys):
+def test_bad_input_is_a_clear_error(photos, ckpts, tmp_path, capsys, encoded):
     common = ("--checkpoint", ckpts[0], "--images_dir", photos)
     for argv, code in ((("--query", "  "), 2), (("--query", "x", "--image", photos / "a.jpg"), 2), ((), 2),
                        (("--image", tmp_path / "missing.jpg"), 2), (("--query", "x", "--use_test_set"), 2)):
@@ -272,8 +272,11 @@ def test_bad_input_is_a_clear_error(photos, ckpts, tmp_path, capsys):
                       (("--queries", tmp_path / "missing.txt"), "cannot read --queries")):
         with pytest.raises(SystemExit, match=msg):
             run(capsys, *common, *argv)
-    with pytest.raises(SystemExit, match="no readable photos"):
-        run(capsys, "--checkpoint", ckpts[0], "--images_dir", tmp_path / "nothing", "--query", "x")
+    (tmp_path / "nothing" / "broken.jpg").write_bytes(b"nope")
+    for _ in range(2):  # the broken file is remembered, not decoded again
+        with pytest.raises(SystemExit, match="no readable photos"):
+            run(capsys, "--checkpoint", ckpts[0], "--images_dir", tmp_path / "nothing", "--query", "x")
+    assert encoded == [1]
 
 
 def test_ctrl_c_while_indexing_keeps_the_photos_done(photos, ckpts, tmp_path, capsys, encoded, monkeypatch):
