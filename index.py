@@ -21,7 +21,7 @@ from dataset import IMAGE_EXTENSIONS, load_image
 
 INDEX_VERSION = 1
 CHUNK_ROWS = 16384  # 16 MB of float16 at D=512: few enough chunks, small enough to stay in cache
-RESCORE_EXTRA = 16  # extra candidates per chunk, so float16 rounding of scores cannot drop a true hit
+RESCORE_EXTRA = 16  # candidates kept beyond k for the float32 rescoring: room for float16 rounding
 
 
 def model_fingerprint(model, image_size):
@@ -71,7 +71,7 @@ class PhotoFiles(Dataset):
             return torch.from_numpy(load_image(self.paths[i], self.image_size)).permute(2, 0, 1), ""
         except Exception as e:  # any undecodable file is reported and skipped, never a crash
             s = self.image_size
-            return torch.zeros(3, s, s, dtype=torch.uint8), f"{type(e).__name__}: {e}"[:200] or "unreadable"
+            return torch.zeros(3, s, s, dtype=torch.uint8), f"{type(e).__name__}: {e}"[:200]
 
 
 @torch.no_grad()
