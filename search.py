@@ -94,7 +94,7 @@ def gallery_images(data_dir, use_test_set):
     path = os.path.join(data_dir, "captions.csv")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; pass --data_dir, or --images_dir to search your own photos.")
-    return sorted(pd.read_csv(path, dtype=str, keep_default_na=False)["image"].unique())
+    return sorted(pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")["image"].unique())
 
 
 def flickr_files(root, names):
