@@ -12,6 +12,7 @@ device: a uint8 batch is 4x smaller to copy, and the normalisation is one fused 
 import errno
 import json
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -46,15 +47,44 @@ def read_captions(data_dir, split):
     return df.sort_values("image", kind="stable").reset_index(drop=True)
 
 
+def open_rgb(path, size):
+    """Open any photo as an upright RGB PIL image, at least `size` pixels a side unless smaller.
+
+    Handles what a personal photo folder holds: EXIF orientation, greyscale, 16-bit, CMYK,
+    palette and transparent images (composited on white), the first frame of an animation.
+    Raises (OSError, ValueError, ...) on an unreadable file, and on one above Pillow's
+    MAX_IMAGE_PIXELS (89 MP): such a header more likely belongs to a decompression bomb.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: a 500x375
+            # photo bound for 224 pixels decodes about 2x faster and the result is the same size.
+            img.draft("RGB", (size, size))
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # a broken EXIF block does not make the pixels unreadable
+                img = img.copy()
+            return _to_rgb(img)
+
+
+def _to_rgb(img):
+    if img.mode.startswith("I"):
+        # 16- and 32-bit greyscale: convert() would clip at 255 and turn most pixels white.
+        arr = np.asarray(img, dtype=np.float32)
+        if img.mode.startswith("I;16") or arr.max() > 255:
+            arr = arr / 257.0
+        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        # Transparent regions hold arbitrary colours (often black); show them on white.
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
 def load_image(path, size):
     """Decode one photo to a (size, size, 3) uint8 array: shorter side to `size`, centre crop."""
-    with Image.open(path) as img:
-        # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: a 500x375
-        # photo bound for 224 pixels decodes about 2x faster and the result is the same size.
-        img.draft("RGB", (size, size))
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+    img = ImageOps.fit(open_rgb(path, size), (size, size), Image.Resampling.BILINEAR)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy takes it without a warning
 
 
 def _cache_paths(data_dir, split, size):

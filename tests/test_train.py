@@ -8,6 +8,7 @@ import torch
 from tiny import train_argv
 
 import evaluate
+import index
 import search
 import train
 
@@ -55,19 +56,22 @@ def test_train_evaluate_search_beats_chance(trained, tmp_path, capsys):
     assert (tmp_path / "search_a_red_circle.png").stat().st_size > 10_000
 
 
-def test_search_index_is_reused_and_rebuilt(trained, tmp_path, monkeypatch, capsys):
-    argv = ["--checkpoint", str(trained / "best.pt"), "--query", "green square", "--output_dir", str(tmp_path),
-            "--device", "cpu", "--use_test_set"]
-    search.main(argv)
+def test_search_index_is_reused_and_rebuilt(trained, tmp_path, monkeypatch):
+    argv = ["--query", "green square", "--output_dir", str(tmp_path), "--device", "cpu", "--use_test_set",
+            "--num_workers", "0", "--index_dir", str(tmp_path)]
+    search.main(["--checkpoint", str(trained / "best.pt"), *argv])
     calls = []
-    real = search.encode_image_dataset
-    monkeypatch.setattr(search, "encode_image_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
-    search.main(argv)
+    real = index.encode_photos
+    monkeypatch.setattr(index, "encode_photos", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))  # a[1]: paths
+    search.main(["--checkpoint", str(trained / "best.pt"), *argv])
     assert calls == []  # same checkpoint, same photos: the stored index answers
-    ck = trained / "best.pt"
-    os.utime(ck, ns=(ck.stat().st_atime_ns, ck.stat().st_mtime_ns + 10**9))  # a new checkpoint
-    search.main(argv)
-    assert calls == [1]
+    # A retrained checkpoint of the same name: other image weights, so all 8 photos are encoded again.
+    ck = torch.load(trained / "best.pt", weights_only=True)
+    ck["model"]["image_proj.bias"] += 0.01
+    os.makedirs(tmp_path / "retrained")
+    torch.save(ck, tmp_path / "retrained" / "best.pt")
+    search.main(["--checkpoint", str(tmp_path / "retrained" / "best.pt"), *argv])
+    assert calls == [8]
 
 
 def test_resume_at_epoch_boundary_gives_the_same_weights(tiny_data, tmp_path, monkeypatch):

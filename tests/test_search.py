@@ -1,0 +1,307 @@
+"""Search over your own photos: decoding odd files, the incremental index, exact top-k, the CLI."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import index
+import search
+from dataset import load_image
+from index import GalleryIndex, model_fingerprint, scan_folder
+from model import DualEncoder, load_model, save_checkpoint
+
+
+def make_checkpoint(path, text_encoder, seed):
+    """An untrained tiny model whose image embeddings still differ from photo to photo: batch norm
+    statistics are measured on one batch (random init in eval mode maps every photo to one point)."""
+    torch.manual_seed(seed)
+    m = DualEncoder(text_encoder=text_encoder, embedding_dim=32, pretrained=False)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None  # a plain average: one batch sets the statistics
+    with torch.no_grad():
+        m.encode_images(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8))
+    args = {"image_encoder": "mobilenet_v3_small", "text_encoder": text_encoder, "embedding_dim": 32,
+            "text_pooling": "cls", "temperature": 0.07, "fixed_temperature": False, "image_size": 32,
+            "no_pretrained": True, "data_dir": "unused"}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_checkpoint(str(path), m.eval(), args, epoch=1, metrics={})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_data, tmp_path_factory):
+    """Two checkpoints with different image weights, both named best.pt."""
+    root = tmp_path_factory.mktemp("ckpts")
+    enc = os.path.join(tiny_data, "text_encoder")
+    return make_checkpoint(root / "a" / "best.pt", enc, 0), make_checkpoint(root / "b" / "best.pt", enc, 1)
+
+
+def photo(path, seed, size=(48, 40)):
+    """A distinct random photo: noise and a coloured block."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    arr[: size[1] // 2, : size[0] // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(arr).save(path, quality=95)
+    return str(path)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    d = tmp_path / "photos"
+    for i, name in enumerate(["a.jpg", "b.png", "sub/c.webp", "sub/deeper/d.JPG"]):
+        photo(d / name, i)
+    photo(d / ".thumbnails" / "x.jpg", 9)  # hidden: not a photo of the collection
+    (d / "notes.txt").write_text("not a photo")
+    return d
+
+
+def run(capsys, *argv):
+    """search.main's return code, stdout and stderr."""
+    capsys.readouterr()
+    rc = search.main([*map(str, argv), "--device", "cpu", "--num_workers", "0"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """The number of photo files each indexing pass decodes."""
+    calls = []
+    real = index.encode_photos
+
+    def counting(model, paths, *a, **k):
+        calls.append(len(paths))
+        return real(model, paths, *a, **k)
+    monkeypatch.setattr(index, "encode_photos", counting)
+    return calls
+
+
+# ---------------------------------------------------------------------------- decoding
+
+def test_odd_image_modes_decode_to_sensible_rgb(tmp_path):
+    def load(name, img, **save):
+        img.save(tmp_path / name, **save)
+        return load_image(tmp_path / name, 16).astype(int)
+    assert (load("g.png", Image.new("L", (20, 20), 100)) == 100).all()
+    # 16-bit greyscale: mid-grey must stay mid-grey, not clip to white
+    g16 = Image.fromarray(np.full((20, 20), 128 * 257, dtype=np.uint16))
+    assert (load("g16.png", g16) == 128).all()
+    cyan = load("cmyk.jpg", Image.new("CMYK", (20, 20), (255, 0, 0, 0)), quality=95)
+    assert np.abs(cyan - [0, 255, 255]).max() < 12
+    # a palette image whose right half is transparent: that half shows white
+    pal = Image.new("P", (20, 20), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 0] + [0] * 762)
+    pal.paste(1, (10, 0, 20, 20))
+    out = load("pal.png", pal, transparency=1)
+    assert (out[:, :6] == [255, 0, 0]).all() and (out[:, 10:] == 255).all()
+    assert (load("rgba.png", Image.new("RGBA", (20, 20), (0, 0, 0, 0))) == 255).all()
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    first = load_image(tmp_path / "anim.gif", 16).astype(int)
+    assert np.abs(first - [255, 0, 0]).max() < 10  # the first frame
+    assert load("w.webp", Image.new("RGB", (30, 20), (10, 200, 10)), quality=95).shape == (16, 16, 3)
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    img = Image.new("RGB", (64, 32), (220, 20, 20))
+    img.paste((20, 20, 220), (32, 0, 64, 32))  # left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    img.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.jpg", quality=95)  # 32x64, red on top
+    got = load_image(tmp_path / "rot.jpg", 32).astype(int)
+    assert np.abs(got - load_image(tmp_path / "upright.jpg", 32).astype(int)).mean() < 6
+    assert got[2, 16, 0] > 150 and got[-3, 16, 2] > 150  # red at the top, blue at the bottom
+
+
+def test_decompression_bomb_is_unreadable(tmp_path, monkeypatch):
+    path = photo(tmp_path / "big.jpg", 0, size=(64, 64))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4096 pixels: past the warning, below the error
+    with pytest.raises(Image.DecompressionBombWarning):
+        load_image(path, 16)
+    img, err = index.PhotoFiles([path], 16)[0]
+    assert "DecompressionBomb" in err and img.shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------------------- the index
+
+def test_index_is_incremental(photos, ckpts, encoded, tmp_path):
+    model, _, _ = load_model(ckpts[0], torch.device("cpu"))
+    fp = model_fingerprint(model, 32)
+    ix = GalleryIndex(fp, str(photos), 32)
+
+    def update():
+        return ix.update(scan_folder(photos), model, 32, torch.device("cpu"))
+    r = update()
+    assert sorted(ix.paths) == ["a.jpg", "b.png", "sub/c.webp", "sub/deeper/d.JPG"]
+    assert (r["added"], encoded) == (4, [4])
+    assert not update()["changed"] and encoded == [4]  # nothing new: nothing decoded
+
+    photo(photos / "new.jpg", 10)
+    before = ix.emb[ix.paths.index("a.jpg")].clone()
+    photo(photos / "a.jpg", 11)
+    os.utime(photos / "a.jpg", ns=(1, 2))  # a changed file, whatever the clock's resolution
+    os.remove(photos / "b.png")
+    r = update()
+    assert (r["added"], r["updated"], r["removed"], encoded[-1]) == (1, 1, 1, 2)
+    assert sorted(ix.paths) == ["a.jpg", "new.jpg", "sub/c.webp", "sub/deeper/d.JPG"]
+    assert not torch.equal(ix.emb[ix.paths.index("a.jpg")], before)
+    assert len(ix.emb) == len(ix.stats) == 4
+
+    ix.save(tmp_path / "ix.pt")
+    back = GalleryIndex.load(tmp_path / "ix.pt")
+    assert back.paths == ix.paths and torch.equal(back.emb, ix.emb) and back.fingerprint == fp
+    assert back.emb.dtype == torch.float16 and not os.path.exists(tmp_path / "ix.pt.tmp")
+
+
+def test_top_k_equals_brute_force_float32():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(20_000, 64, generator=g), dim=-1)  # (N, D) float32
+    ix = GalleryIndex("fp", "/", 64)
+    ix.emb = x.half()
+    ix.paths = [str(i) for i in range(len(x))]
+    q = torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=-1)
+    for queries in (q[:1], q):  # one query (float16 products) and several (float32 products)
+        scores, rows = ix.top_k(queries, 10, chunk_rows=3001)  # a ragged last chunk, many merges
+        ref = queries @ x.T  # (Q, N) over the float32 originals
+        kth = ref.topk(10, dim=1).values[:, -1:]
+        assert rows.shape == (len(queries), 10) and all(len(set(r)) == 10 for r in rows.tolist())
+        assert (ref.gather(1, rows) >= kth - 1e-3).all()  # the true top 10, up to float16 ties
+        assert torch.allclose(scores, ref.gather(1, rows), atol=1e-3)
+        assert (scores[:, :-1] >= scores[:, 1:]).all()
+        exact = (queries @ ix.emb.float().T).topk(10, dim=1)  # float32 over the stored vectors
+        assert torch.equal(rows, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
+    scores, rows = ix.top_k(q, 50_000)
+    assert rows.shape == (3, 20_000)  # k beyond the gallery: the whole gallery, ranked
+
+
+# ---------------------------------------------------------------------------- the command line
+
+def test_image_query_finds_itself_first_and_saves_a_grid(photos, ckpts, tmp_path, capsys):
+    rc, out, err = run(capsys, "--checkpoint", ckpts[0], "--images_dir", photos, "--image", photos / "sub" / "c.webp",
+                       "--top_k", "3", "--output_dir", tmp_path / "res")
+    assert rc == 0
+    first = out.splitlines()[1].split()
+    assert first[2] == os.path.join(str(photos), "sub/c.webp") and float(first[1]) > 0.999
+    assert len(out.splitlines()) == 4
+    assert (tmp_path / "res" / "search_image_c.png").stat().st_size > 5_000
+    ckpt_dir = os.path.dirname(ckpts[0])
+    assert any(n.startswith("index_best_photos-") for n in os.listdir(ckpt_dir))  # beside the checkpoint
+
+
+def test_corrupt_files_are_skipped_listed_and_not_retried(photos, ckpts, tmp_path, capsys, encoded):
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    (photos / "empty.png").write_bytes(b"")
+    good = (photos / "a.jpg").read_bytes()
+    (photos / "cut.jpg").write_bytes(good[: len(good) // 2])
+    argv = ("--checkpoint", ckpts[0], "--images_dir", photos, "--query", "a red circle", "--index_dir", tmp_path,
+            "--json")
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and "skipped 3 unreadable files" in err
+    assert all(name in err for name in ("broken.jpg", "empty.png", "cut.jpg"))
+    hits = {os.path.basename(r["path"]) for r in json.loads(out)}
+    assert hits == {"a.jpg", "b.png", "c.webp", "d.JPG"}
+    rc, out, err = run(capsys, *argv)
+    assert encoded == [7] and "skipped 3 unreadable files" in err  # reported again, not decoded again
+    photo(photos / "broken.jpg", 20)  # repaired: indexed on the next run
+    rc, out, err = run(capsys, *argv)
+    assert encoded == [7, 1] and "skipped 2" in err and len(json.loads(out)) == 5
+
+
+def test_queries_file_json_shape(photos, ckpts, tmp_path, capsys):
+    queries = tmp_path / "q.txt"
+    queries.write_text("a red circle\n\n  犬が走る 🐕  \n" + "a very long query " * 300 + "\n", encoding="utf-8")
+    rc, out, err = run(capsys, "--checkpoint", ckpts[0], "--images_dir", photos, "--queries", queries,
+                       "--top_k", "50", "--json", "--output_dir", tmp_path / "res")
+    records = json.loads(out)  # stdout is nothing but the JSON
+    assert rc == 0 and len(records) == 3 * 4  # 3 queries, top 50 capped at the 4 photos
+    assert all(set(r) == {"query", "rank", "path", "score"} for r in records)
+    assert [r["query"] for r in records[4:8]] == ["犬が走る 🐕"] * 4
+    for i in range(3):
+        block = records[4 * i:4 * i + 4]
+        assert [r["rank"] for r in block] == [1, 2, 3, 4]
+        assert all(a["score"] >= b["score"] for a, b in zip(block, block[1:]))
+        assert all(os.path.isfile(r["path"]) and isinstance(r["score"], float) for r in block)
+    assert not (tmp_path / "res").exists()  # --queries and --json save no grids
+
+
+def test_text_query_with_odd_text_saves_a_grid(photos, ckpts, tmp_path, capsys):
+    for query, top_k in (("犬が走る", 1), ("a dog " * 200, 25)):
+        rc, out, err = run(capsys, "--checkpoint", ckpts[0], "--images_dir", photos, "--query", query,
+                           "--top_k", top_k, "--output_dir", tmp_path)
+        assert rc == 0 and out.startswith(f"top {min(top_k, 4)} of 4 photos")
+    grids = sorted(p.name for p in tmp_path.glob("search_*.png"))
+    assert len(grids) == 2 and all(len(g) < 90 for g in grids), grids
+
+
+def test_index_of_another_checkpoint_is_rebuilt(photos, ckpts, tmp_path, capsys, encoded):
+    argv = ("--images_dir", photos, "--query", "x", "--index_dir", tmp_path, "--json")
+    run(capsys, "--checkpoint", ckpts[0], *argv)
+    path = next(tmp_path.glob("index_best_photos-*.pt"))
+    copy = tmp_path / "copy" / "best.pt"
+    os.makedirs(copy.parent)
+    shutil.copy(ckpts[0], copy)
+    rc, out, err = run(capsys, "--checkpoint", copy, *argv)
+    assert encoded == [4] and "another checkpoint" not in err  # same weights, copied elsewhere: reused
+    rc, out, err = run(capsys, "--checkpoint", ckpts[1], *argv)  # same name, other weights
+    assert rc == 0 and "another checkpoint" in err and encoded == [4, 4]
+    model_b, _, _ = load_model(ckpts[1], torch.device("cpu"))
+    assert GalleryIndex.load(path).fingerprint == model_fingerprint(model_b, 32)
+
+
+def test_bad_input_is_a_clear_error(photos, ckpts, tmp_path, capsys, encoded):
+    common = ("--checkpoint", ckpts[0], "--images_dir", photos)
+    for argv, code in ((("--query", "  "), 2), (("--query", "x", "--image", photos / "a.jpg"), 2), ((), 2),
+                       (("--image", tmp_path / "missing.jpg"), 2), (("--query", "x", "--use_test_set"), 2)):
+        with pytest.raises(SystemExit) as e:
+            run(capsys, *common, *argv)
+        assert e.value.code == code, argv
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    os.makedirs(tmp_path / "nothing")
+    for argv, msg in ((("--image", tmp_path / "bad.jpg"), "cannot read --image"),
+                      (("--queries", tmp_path / "empty.txt"), "holds no queries"),
+                      (("--queries", tmp_path / "missing.txt"), "cannot read --queries")):
+        with pytest.raises(SystemExit, match=msg):
+            run(capsys, *common, *argv)
+    (tmp_path / "nothing" / "broken.jpg").write_bytes(b"nope")
+    for _ in range(2):  # the broken file is remembered, not decoded again
+        with pytest.raises(SystemExit, match="no readable photos"):
+            run(capsys, "--checkpoint", ckpts[0], "--images_dir", tmp_path / "nothing", "--query", "x")
+    assert encoded == [1]
+
+
+def test_ctrl_c_while_indexing_keeps_the_photos_done(photos, ckpts, tmp_path, capsys, encoded, monkeypatch):
+    real, calls = DualEncoder.encode_images, []
+
+    def interrupt_second_batch(self, images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, images)
+    argv = ("--checkpoint", ckpts[0], "--images_dir", photos, "--query", "x", "--index_dir", tmp_path,
+            "--batch_size", "2", "--json")
+    with monkeypatch.context() as m:
+        m.setattr(DualEncoder, "encode_images", interrupt_second_batch)
+        rc, out, err = run(capsys, *argv)
+    assert rc == 130 and "run again" in err and out == ""
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and encoded == [4, 2] and len(json.loads(out)) == 4
+
+
+def test_flickr8k_gallery_by_text_and_image(tiny_data, ckpts, tmp_path, capsys):
+    common = ("--checkpoint", ckpts[0], "--data_dir", tiny_data, "--use_test_set", "--output_dir", tmp_path)
+    rc, out, err = run(capsys, *common, "--query", "a red circle")  # top_k 9 of 8 test photos
+    assert rc == 0 and out.startswith("top 8 of 8 photos") and (tmp_path / "search_a_red_circle.png").exists()
+    assert os.path.exists(os.path.join(os.path.dirname(ckpts[0]), "index_best_test.pt"))
+    query = os.path.join(tiny_data, "images", "blue_square_7.jpg")
+    rc, out, err = run(capsys, *common, "--image", query, "--top_k", "2")
+    assert rc == 0 and out.splitlines()[1].split()[2] == query
