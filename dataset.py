@@ -168,8 +168,9 @@ class PairDataset(Dataset):
 
 
 class AugmentedImages(Dataset):
-    """One augmented view of every photo of a PairDataset, in photo order: view `view` of
-    photo i is the same crop whatever the number of workers or the run."""
+    """One view of every photo of a PairDataset, in photo order. View 0 is the photo as
+    evaluation sees it (with one view nothing a caption mentions is cropped away); view v > 0
+    is a random crop and flip, the same whatever the number of workers or the run."""
 
     def __init__(self, pairs, view):
         self.pairs = pairs
@@ -179,6 +180,8 @@ class AugmentedImages(Dataset):
         return len(self.pairs.images)
 
     def __getitem__(self, i):
+        if self.view == 0:
+            return self.pairs.store[i]
         g = torch.Generator().manual_seed((self.pairs.seed * 1_000_003 + self.view) * 1_000_003 + i)
         return random_resized_crop_flip(self.pairs.store[i], self.pairs.image_size, g)
 

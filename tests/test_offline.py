@@ -97,3 +97,13 @@ def test_cached_trunk_training_keeps_frozen_blocks_and_tunes_the_rest(tiny_data,
 def test_inconsistent_freeze_flags_are_refused(extra, capsys):
     with pytest.raises(SystemExit):
         train.get_args(["--data_dir", "D", *extra])
+
+
+def test_cached_views_first_is_the_photo_then_fixed_random_crops(tiny_data):
+    from dataset import AugmentedImages, PairDataset
+    pairs = PairDataset(tiny_data, "train", 64, seed=1, with_images=False)
+    assert pairs[0][0] is None
+    assert torch.equal(AugmentedImages(pairs, 0)[3], pairs.store[3])
+    crop = AugmentedImages(pairs, 1)[3]
+    assert crop.shape == (3, 64, 64) and not torch.equal(crop, pairs.store[3])
+    assert torch.equal(crop, AugmentedImages(pairs, 1)[3])
