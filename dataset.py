@@ -190,10 +190,11 @@ def random_resized_crop_flip(img, size, generator, scale=(0.5, 1.0), ratio=(3 / 
 class PairDataset(Dataset):
     """(image, caption) pairs of one split: every caption of every photo.
 
-    Item: (uint8 image (3, S, S), caption str, image index within the split).
+    Item: (uint8 image (3, S, S), caption str, image index within the split); with
+    with_images=False the image is None (train.py then takes the photo from its feature cache).
     """
 
-    def __init__(self, data_dir, split, image_size, augment=True, seed=0):
+    def __init__(self, data_dir, split, image_size, augment=True, seed=0, with_images=True):
         df = read_captions(data_dir, split)
         self.images = sorted(df["image"].unique())
         index = {name: i for i, name in enumerate(self.images)}
@@ -203,6 +204,7 @@ class PairDataset(Dataset):
         self.image_size = image_size
         self.augment = augment
         self.seed = seed
+        self.with_images = with_images
         self.epoch = 0
 
     def __len__(self):
@@ -210,11 +212,32 @@ class PairDataset(Dataset):
 
     def __getitem__(self, i):
         image_id = self.image_ids[i]
+        if not self.with_images:
+            return None, self.captions[i], image_id
         img = self.store[image_id]
         if self.augment:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i)
             img = random_resized_crop_flip(img, self.image_size, g)
         return img, self.captions[i], image_id
+
+
+class AugmentedImages(Dataset):
+    """One view of every photo of a PairDataset, in photo order. View 0 is the photo as
+    evaluation sees it (with one view nothing a caption mentions is cropped away); view v > 0
+    is a random crop and flip, the same whatever the number of workers or the run."""
+
+    def __init__(self, pairs, view):
+        self.pairs = pairs
+        self.view = view
+
+    def __len__(self):
+        return len(self.pairs.images)
+
+    def __getitem__(self, i):
+        if self.view == 0:
+            return self.pairs.store[i]
+        g = torch.Generator().manual_seed((self.pairs.seed * 1_000_003 + self.view) * 1_000_003 + i)
+        return random_resized_crop_flip(self.pairs.store[i], self.pairs.image_size, g)
 
 
 class ImageDataset(Dataset):
@@ -259,7 +282,7 @@ class Collate:
         tokens = tokenize(self.tokenizer, list(captions), self.max_length)
         image_ids = torch.tensor(image_ids)
         return {
-            "images": torch.stack(images),
+            "images": torch.stack(images) if images[0] is not None else None,
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
             "image_ids": image_ids,

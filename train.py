@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import Collate, PairDataset, read_captions
+from dataset import AugmentedImages, Collate, PairDataset, read_captions
 from model import (
     gather_batch,
     info_nce,
@@ -62,6 +62,13 @@ def get_args(argv=None):
     p.add_argument("--no_pretrained", action="store_true", help="random-init towers (no downloads)")
     p.add_argument("--image_weights", default=None, help="local state dict for the image tower")
     p.add_argument("--freeze_image", action="store_true", help="keep the image tower fixed (LiT)")
+    p.add_argument("--freeze_image_blocks", type=int, default=0,
+                   help="keep the stem and the first N blocks of efficientnet_lite0 fixed")
+    p.add_argument("--image_cache_views", type=int, default=0,
+                   help="precompute the frozen blocks' output for N augmented views of each "
+                        "photo once, and train the rest of the image tower on them (0: off)")
+    p.add_argument("--freeze_text_layers", type=int, default=-1,
+                   help="keep the word embeddings and the first N text layers fixed (-1: none)")
     p.add_argument("--temperature", type=float, default=0.07, help="initial softmax temperature")
     p.add_argument("--fixed_temperature", action="store_true", help="do not learn the temperature")
     p.add_argument("--no_same_image_mask", action="store_true",
@@ -69,10 +76,14 @@ def get_args(argv=None):
     # optim
     p.add_argument("--batch_size", type=int, default=32, help="pairs per step (per process under torchrun)")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the towers")
+    p.add_argument("--image_lr", type=float, default=0.0,
+                   help="peak learning rate of the image tower (0: --lr)")
     p.add_argument("--head_lr", type=float, default=1e-3,
                    help="peak learning rate of the projection heads and temperature")
     p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training captions")
+    p.add_argument("--captions_per_image", type=int, default=0,
+                   help="captions of each photo per epoch, drawn at random (0: all)")
     p.add_argument("--warmup_steps", type=int, default=200, help="linear warm-up, then cosine decay")
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     # run
@@ -89,26 +100,45 @@ def get_args(argv=None):
         p.error("--num_workers, --max_steps and --warmup_steps cannot be negative")
     if not 0 < args.temperature < math.inf:  # also refuses nan
         p.error("--temperature must be a positive number")
-    if not all(0 <= x < math.inf for x in (args.lr, args.head_lr, args.weight_decay)):
-        p.error("--lr, --head_lr and --weight_decay must be non-negative numbers")
+    if not all(0 <= x < math.inf for x in (args.lr, args.image_lr, args.head_lr, args.weight_decay)):
+        p.error("--lr, --image_lr, --head_lr and --weight_decay must be non-negative numbers")
+    if min(args.captions_per_image,
+           args.freeze_image_blocks, args.image_cache_views, args.freeze_text_layers + 1) < 0:
+        p.error("--captions_per_image, --freeze_image_blocks and --image_cache_views cannot be negative "
+                "(--freeze_text_layers: -1 or more)")
+    if args.freeze_image_blocks and args.image_encoder != "efficientnet_lite0":
+        p.error("--freeze_image_blocks needs --image_encoder efficientnet_lite0")
+    if args.freeze_image_blocks > 16:
+        p.error("--freeze_image_blocks: efficientnet_lite0 has 16 blocks")
+    if args.image_cache_views and not args.freeze_image_blocks:
+        p.error("--image_cache_views needs --freeze_image_blocks (the blocks whose output is cached)")
     if args.no_pretrained and args.image_weights:
         p.error("--no_pretrained and --image_weights contradict each other")
     return args
 
 
 def param_groups(model, args):
-    """Towers at --lr, the new heads and the temperature at --head_lr; no decay on biases,
-    norms or the temperature."""
+    """The text tower at --lr, the image tower at --image_lr (default --lr), the new heads and
+    the temperature at --head_lr; no decay on biases, norms or the temperature."""
+    lrs = {"text_tower": args.lr, "image_tower": args.image_lr or args.lr}
     groups = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        head = not name.startswith(("image_tower.", "text_tower."))
-        decay = p.ndim >= 2
-        groups.setdefault((head, decay), []).append(p)
-    return [{"params": ps, "lr": args.head_lr if head else args.lr,
-             "weight_decay": args.weight_decay if decay else 0.0}
-            for (head, decay), ps in groups.items()]
+        if p.requires_grad:
+            lr = lrs.get(name.split(".", 1)[0], args.head_lr)
+            groups.setdefault((lr, p.ndim >= 2), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": args.weight_decay if decay else 0.0}
+            for (lr, decay), ps in groups.items()]
+
+
+def frozen_modules(model, args):
+    """The parts of partly frozen towers that stay fixed: trained with no gradient and kept in
+    eval mode (BatchNorm statistics, dropout)."""
+    modules = []
+    if args.freeze_image_blocks:
+        modules += model.image_tower.trunk_modules(args.freeze_image_blocks)
+    if args.freeze_text_layers >= 0:
+        modules += model.text_trunk_modules(args.freeze_text_layers)
+    return modules
 
 
 def lr_factor(step, warmup, total):
@@ -118,9 +148,41 @@ def lr_factor(step, warmup, total):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def epoch_order(n, seed, epoch):
-    """The epoch's shuffle, a pure function of (seed, epoch), so resuming replays it."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+def epoch_order(image_ids, seed, epoch, captions_per_image=0):
+    """Indices of the epoch's pairs in training order, a pure function of (seed, epoch), so
+    resuming replays it. captions_per_image k > 0 keeps k random captions of each photo (all of
+    a photo that has fewer): with k = 1 an epoch shows every photo once."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    ids = torch.as_tensor(image_ids)
+    keep = torch.arange(len(ids))
+    if captions_per_image:
+        # Order the pairs by photo, and within a photo at random; keep the first k of each.
+        by_priority = torch.argsort(torch.rand(len(ids), generator=g))
+        order = by_priority[torch.argsort(ids[by_priority], stable=True)]
+        sorted_ids = ids[order].contiguous()
+        rank = torch.arange(len(ids)) - torch.searchsorted(sorted_ids, sorted_ids)  # 0, 1, ... per photo
+        keep = order[rank < captions_per_image]
+    return keep[torch.randperm(len(keep), generator=g)].tolist()
+
+
+@torch.no_grad()
+def cache_image_trunk(model, train_set, n_blocks, views, batch_size, num_workers, device):
+    """(views, photos, C, h, w) float16 CPU: the frozen first n_blocks of the image tower on
+    `views` augmented crops of every training photo, computed once (the frozen blocks hold most
+    of the tower's compute, at full resolution)."""
+    model.eval()
+    cache = None
+    for v in range(views):
+        loader = DataLoader(AugmentedImages(train_set, v), batch_size=batch_size, num_workers=num_workers)
+        start = 0
+        for images in tqdm(loader, desc=f"caching image features, view {v + 1}/{views}", unit="batch"):
+            feats = model.image_trunk(images.to(device), n_blocks).float().cpu()  # (B, C, h, w)
+            if cache is None:
+                cache = torch.empty((views, len(train_set.images), *feats.shape[1:]), dtype=torch.float16)
+            cache[v, start:start + len(feats)] = feats
+            start += len(feats)
+    model.train()
+    return cache
 
 
 def shard_order(order, batch_size, rank=0, world=1):
@@ -180,12 +242,16 @@ def run(args, device):
         raise SystemExit(f"error: {last_path} exists; pass --resume to continue that run, or "
                          "choose another --model_dir (nothing is overwritten).")
 
-    train_set = PairDataset(args.data_dir, "train", args.image_size, augment=True, seed=args.seed)
+    train_set = PairDataset(args.data_dir, "train", args.image_size, augment=True, seed=args.seed,
+                            with_images=not args.image_cache_views)
     read_captions(args.data_dir, "val")  # fail now, not after the first epoch, if there is no val split
-    steps_per_epoch = len(train_set) // (world * args.batch_size)
+    pairs_per_epoch = len(epoch_order(train_set.image_ids, args.seed, 0, args.captions_per_image))
+    steps_per_epoch = pairs_per_epoch // (world * args.batch_size)
     if steps_per_epoch == 0:
         raise SystemExit(f"error: --batch_size {args.batch_size}{f' x {world} processes' if ddp else ''} is larger "
-                         f"than the training split ({len(train_set)} pairs); use a smaller batch.")
+                         f"than the training split ({pairs_per_epoch} pairs per epoch); use a smaller batch.")
+    if ddp and args.image_cache_views:
+        raise SystemExit("error: --image_cache_views trains on one process only; drop it under torchrun.")
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
@@ -201,6 +267,8 @@ def run(args, device):
     model = model_from_args(model_args, pretrained=None if ckpt is None else False).to(device)
     if args.freeze_image:
         model.image_tower.requires_grad_(False)
+    for m in frozen_modules(model, args):
+        m.requires_grad_(False)
     tokenizer = load_tokenizer(model_args["text_encoder"])
     if master:
         tokenizer.save_pretrained(os.path.join(args.model_dir, "tokenizer"))
@@ -238,8 +306,12 @@ def run(args, device):
                         rng_state=torch.get_rng_state(), **{k: v for k, v in state.items() if k != "epoch"})
 
     collate = Collate(tokenizer)
+    trunk_cache = None
+    if args.image_cache_views:
+        trunk_cache = cache_image_trunk(model, train_set, args.freeze_image_blocks,
+                                             args.image_cache_views, 64, args.num_workers, device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"training on {device}{f' x {world} processes' if ddp else ''}: {len(train_set)} pairs, "
+    log(f"training on {device}{f' x {world} processes' if ddp else ''}: {pairs_per_epoch} pairs/epoch, "
         f"{steps_per_epoch} steps/epoch of {world * args.batch_size} pairs, {total_steps} steps, "
         f"{n_params / 1e6:.1f}M trainable parameters")
     try:
@@ -247,13 +319,14 @@ def run(args, device):
             epoch = state["epoch"]
             train_set.epoch = epoch
             # Sharding our own permutation (not DistributedSampler) keeps a mid-epoch resume exact.
-            order = shard_order(epoch_order(len(train_set), args.seed, epoch), args.batch_size, rank, world)
+            order = epoch_order(train_set.image_ids, args.seed, epoch, args.captions_per_image)
+            order = shard_order(order, args.batch_size, rank, world)
             order = order[state["epoch_step"] * args.batch_size:]
             loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order, drop_last=True,
                                 collate_fn=collate, num_workers=args.num_workers,
                                 pin_memory=device.type == "cuda")
             loss, pairs_per_s = train_epoch(net, loader, optimizer, state, args, device, total_steps,
-                                            steps_per_epoch, last_path)
+                                            steps_per_epoch, last_path, trunk_cache)
             if not master:
                 state["epoch"], state["epoch_step"] = epoch + 1, 0
                 dist.barrier()  # wait while rank 0 validates and saves
@@ -292,11 +365,17 @@ def run(args, device):
     return 0
 
 
-def batch_loss(net, batch, device, same_image_mask=True):
-    """InfoNCE of one batch; under torchrun, of the global batch of every process."""
-    img_emb, txt_emb, scale = net(batch["images"].to(device, non_blocking=True),
-                                  batch["input_ids"].to(device, non_blocking=True),
-                                  batch["attention_mask"].to(device, non_blocking=True))
+def batch_loss(net, batch, device, same_image_mask=True, trunk_feats=None, n_blocks=0):
+    """InfoNCE of one batch; under torchrun, of the global batch of every process.
+    trunk_feats: the frozen image blocks' cached output for this batch, standing in for the photos
+    (single process only, checked in run())."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    attention_mask = batch["attention_mask"].to(device, non_blocking=True)
+    if trunk_feats is None:
+        img_emb, txt_emb, scale = net(batch["images"].to(device, non_blocking=True), input_ids, attention_mask)
+    else:
+        img_emb = net.encode_image_trunk(trunk_feats.to(device), n_blocks)
+        txt_emb, scale = net.encode_texts(input_ids, attention_mask), net.logit_scale.exp()
     # (N*B, D), (N*B, D), (N*B,): the same-photo mask must span the global batch, so it is built
     # from the gathered image ids, not from this process's batch alone.
     img_emb, txt_emb, image_ids = gather_batch(img_emb, txt_emb, batch["image_ids"].to(device))
@@ -304,21 +383,31 @@ def batch_loss(net, batch, device, same_image_mask=True):
     return info_nce(img_emb, txt_emb, scale, same)
 
 
-def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_per_epoch, last_path):
+def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_per_epoch, last_path,
+                trunk_cache=None):
     """One pass over `loader`; updates state["step"] and state["epoch_step"] after every step.
-    `net` is the model, or its DDP wrapper under torchrun. Returns (mean loss, global pairs per second)."""
+    `net` is the model, or its DDP wrapper under torchrun. trunk_cache: cache_image_trunk's output,
+    which then stands in for the photos. Returns (mean loss, global pairs per second)."""
     model = net.module if isinstance(net, DDP) else net
     world = dist.get_world_size() if isinstance(net, DDP) else 1
     net.train()
     if args.freeze_image:
         model.image_tower.eval()  # frozen BatchNorm statistics too
+    for m in frozen_modules(model, args):
+        m.eval()
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", unit="batch", leave=False,
                initial=state["epoch_step"], total=steps_per_epoch, disable=world > 1 and dist.get_rank() > 0)
     t0, pairs, losses = time.time(), 0, []
     for batch in bar:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(state["step"], args.warmup_steps, total_steps)
-        loss = batch_loss(net, batch, device, not args.no_same_image_mask)
+        feats = None
+        if trunk_cache is not None:
+            # Each pair takes one of its photo's cached views, drawn as a function of the step.
+            ids = batch["image_ids"]
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
+            feats = trunk_cache[torch.randint(args.image_cache_views, (len(ids),), generator=g), ids]
+        loss = batch_loss(net, batch, device, not args.no_same_image_mask, feats, args.freeze_image_blocks)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss became {loss.item()} at step {state['step']}; stopping "
                              f"({kept(last_path)}). Try a lower --lr.")
@@ -328,7 +417,7 @@ def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_
         model.clamp_logit_scale()
         state["step"] += 1
         state["epoch_step"] += 1
-        pairs += len(batch["images"]) * world
+        pairs += len(batch["image_ids"]) * world
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{pairs / (time.time() - t0):.0f}")
         if state["step"] >= total_steps:

