@@ -28,19 +28,19 @@ def main(argv=None):
     device = pick_device(args.device)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
     data = EvalSplit(args.data_dir or ckpt["args"]["data_dir"], args.split, ckpt["args"]["image_size"])
-    emb, img = {}, None
+    emb = {}
     for name, amp in (("fp32", False), ("autocast", True)):
         model.amp = amp
-        if img is None or device.type != "cpu":  # on CPU the image tower is fp32 under both
-            img = encode_image_dataset(model, data.image_dataset, device)
-        emb[name] = (img, encode_texts(model, tokenizer, data.captions, device))
+        emb[name] = (encode_image_dataset(model, data.image_dataset, device),
+                     encode_texts(model, tokenizer, data.captions, device))
     for name, (img, txt) in emb.items():
         print(f"{name}:\n{format_metrics(recall_metrics(img, txt, data.caption_image))}")
     (img32, txt32), (img16, txt16) = emb["fp32"], emb["autocast"]
-    cos = (txt32 * txt16).sum(1)  # both L2-normalised: (Q,)
+    for what, a, b in (("caption", txt32, txt16), ("photo", img32, img16)):
+        cos = (a * b).sum(1)  # both L2-normalised: (Q,) or (N,)
+        print(f"{what} embedding cosine fp32 vs autocast: mean {cos.mean():.5f}, min {cos.min():.5f}")
     top32, top16 = (txt32 @ img32.T).argmax(1), (txt16 @ img16.T).argmax(1)
-    print(f"caption embedding cosine fp32 vs autocast: mean {cos.mean():.5f}, min {cos.min():.5f}; "
-          f"top-1 photo agrees for {100 * (top32 == top16).double().mean():.1f}% of {len(cos)} captions")
+    print(f"top-1 photo agrees for {100 * (top32 == top16).double().mean():.1f}% of {len(top32)} captions")
     return 0
 
 
