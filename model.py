@@ -79,14 +79,12 @@ def autocast(device, tower, enabled=True):
     """The one place that picks the autocast context for a tower ('image' or 'text').
 
     CUDA: bf16 for both towers. CPU: bf16 for the transformer, whose matrix products run
-    ~2.6x faster on CPUs with bf16 instructions; for the image tower fp32 while gradients are
-    taken (the backward of its depthwise convolutions runs 2x slower in bf16) but bf16 without
-    them: encoding a gallery runs 1.25-1.5x faster (see README, Performance). MPS: fp32, the safe
-    choice across macOS releases.
+    ~2.6x faster on CPUs with bf16 instructions, but fp32 for the depthwise convolutions of the
+    image tower, which run slower in bf16. MPS: fp32, the safe choice across macOS releases.
     """
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and device.type == "cpu" and (tower == "text" or not torch.is_grad_enabled()):
+    if enabled and device.type == "cpu" and tower == "text":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
