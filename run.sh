@@ -49,7 +49,7 @@ RESUME=()
 
 # Report on the test split when its photos are there (a copy may withhold them), else on val.
 SPLIT=test
-grep -q ',test$' "$DATA/captions.csv" || SPLIT=val
+grep -Eq $',test\r?$' "$DATA/captions.csv" || SPLIT=val  # rows may end in CRLF (csv module)
 mkdir -p "$RESULTS"
 "$PY" evaluate.py --checkpoint "$MODELS/best.pt" --split "$SPLIT" --output_json "$RESULTS/${SPLIT}_metrics.json"
 "$PY" search.py --checkpoint "$MODELS/best.pt" --query "$QUERY" --output_dir "$RESULTS"
