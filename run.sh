@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline: preprocess -> train -> evaluate -> search.
 #
-#   ./run.sh --demo                  offline: synthetic shapes, small untrained towers (~5 min on 2 CPU cores)
+#   ./run.sh --demo                  offline: synthetic shapes, small untrained towers (minutes on a laptop CPU)
 #   ./run.sh --download [FLAGS]      fetch Flickr8K, then train with train.py's defaults plus FLAGS
 #   ./run.sh --source DIR [FLAGS]    Flickr8K archives or folders already on disk (e.g. ../shared/flickr8k)
 #
