@@ -281,10 +281,11 @@ def save_tiny_text_encoder(folder, captions, dim=64, layers=2):
 class DualEncoder(nn.Module):
     def __init__(self, image_encoder="mobilenet_v3_small", text_encoder="distilbert-base-uncased",
                  embedding_dim=512, text_pooling="cls", temperature=0.07, fixed_temperature=False,
-                 pretrained=True, image_weights=None, text_config=None, amp=True):
+                 pretrained=True, image_weights=None, text_config=None, amp=True, text_tower=None):
         super().__init__()
         self.image_tower, img_dim, mean, std = build_image_tower(image_encoder, pretrained, image_weights)
-        self.text_tower = build_text_tower(text_encoder, pretrained, text_config)
+        # text_tower: a prebuilt one (search.py's plain_text.PlainTextTower), else transformers'.
+        self.text_tower = build_text_tower(text_encoder, pretrained, text_config) if text_tower is None else text_tower
         self.text_pooling = text_pooling
         self.image_proj = nn.Linear(img_dim, embedding_dim)
         self.text_proj = nn.Linear(self.text_tower.config.hidden_size, embedding_dim)
@@ -414,7 +415,7 @@ MODEL_ARGS = ("image_encoder", "text_encoder", "embedding_dim", "text_pooling", 
               "fixed_temperature", "image_size")
 
 
-def model_from_args(args, pretrained=None):
+def model_from_args(args, pretrained=None, text_tower=None):
     """Build a DualEncoder from a dict of train.py's arguments."""
     if pretrained is None:
         pretrained = not args.get("no_pretrained", False)
@@ -422,7 +423,7 @@ def model_from_args(args, pretrained=None):
                        embedding_dim=args["embedding_dim"], text_pooling=args["text_pooling"],
                        temperature=args["temperature"], fixed_temperature=args["fixed_temperature"],
                        pretrained=pretrained, image_weights=args.get("image_weights"),
-                       text_config=args.get("text_config"), amp=args.get("amp", True))
+                       text_config=args.get("text_config"), amp=args.get("amp", True), text_tower=text_tower)
 
 
 def save_checkpoint(path, model, args, epoch, metrics, optimizer=None, **extra):
@@ -454,7 +455,9 @@ def read_checkpoint(path):
         raise SystemExit(f"error: checkpoint {path} not found; train first (python train.py) "
                          "or pass --checkpoint.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: only the tensors used are read from disk (search.py skips a training checkpoint's
+        # optimizer state).
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         if "Unsupported global" in str(e):  # weights_only met a pickle that calls arbitrary functions
             raise SystemExit(f"error: refusing {path}: it holds Python objects that could run code when "
@@ -483,11 +486,27 @@ def load_weights(model, state, path):
                          "from another version or configuration. Use a checkpoint written by this train.py.")
 
 
-def load_model(path, device):
+def load_model(path, device, plain_text=False):
     """Rebuild the model of a checkpoint from its own args: no flag has to be repeated, and no
-    pretrained weights are fetched. Returns (model in eval mode, tokenizer, ckpt)."""
+    pretrained weights are fetched. Returns (model in eval mode, tokenizer, ckpt).
+    plain_text: run the text tower and tokenizer without transformers where plain_text.py can
+    (search.py's cold start); the embeddings are the same."""
     ckpt = read_checkpoint(path)
     args = ckpt["args"]
+    # train.py saves the tokenizer beside its checkpoints, so search works offline.
+    tok_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    if plain_text:
+        import plain_text as pt
+        if pt.usable(tok_dir, args.get("text_config") or {}):
+            prefix = "text_tower."
+            text_state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+            tower = pt.PlainTextTower(args["text_config"], text_state)
+            model = model_from_args(args, pretrained=False, text_tower=tower)
+            # The same weights under the plain tower's buffer names: a strict load still checks all.
+            state = {k: v for k, v in ckpt["model"].items() if not k.startswith(prefix)}
+            state.update({prefix + k.replace(".", "__"): v for k, v in text_state.items()})
+            load_weights(model, state, path)
+            return model.to(device).eval(), pt.PlainTokenizer(tok_dir), ckpt
     # The checkpoint overwrites every weight, so skip the random initialisation: it is ~90% of
     # building MobileNetV3-small + DistilBERT (0.4 of 0.45 CPU-seconds here, 1.6 of 1.8 s of wall
     # time on a busy 2-core CPU), and every cold `search.py --query` and evaluate.py pays it.
@@ -498,7 +517,5 @@ def load_model(path, device):
     with no_init_weights():
         model = model_from_args(args, pretrained=False)
     load_weights(model, ckpt["model"], path)
-    # train.py saves the tokenizer beside its checkpoints, so search works offline.
-    tok_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
     tokenizer = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else args["text_encoder"])
     return model.to(device).eval(), tokenizer, ckpt

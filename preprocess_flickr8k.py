@@ -52,6 +52,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
 PHOTO_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")  # the official archive misspells it
+# Stricter than dataset.IMAGE_EXTENSIONS (no GIF or TIFF): a training set is still photos, while
+# search.py indexes whatever a personal folder holds.
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 

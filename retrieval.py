@@ -56,39 +56,68 @@ def _summary(ranks):
             "mean_rank": ranks.mean().item(), "median_rank": ranks.median().item()}
 
 
-def recall_metrics(img_emb, txt_emb, caption_image):
+@torch.no_grad()
+def querybank_bias(gallery, bank, scale, chunk=2048):
+    """Querybank normalisation (Bogolin et al., CVPR 2022, with the inverted softmax of Smith et
+    al., ICLR 2017): for each gallery embedding (N, D), the log-sum-exp of `scale` times its
+    similarity to a bank of training queries (M, D), over `scale`. Subtracted from every query's
+    similarity, it demotes hubs, items close to many queries that otherwise crowd the top of
+    many rankings. Uses training data only. Returns (N,)."""
+    bank = bank.float()
+    return torch.cat([torch.logsumexp(scale * (bank @ g.float().T), 0) / scale for g in gallery.split(chunk)])
+
+
+def recall_metrics(img_emb, txt_emb, caption_image, img_bias=None, txt_bias=None):
     """Recall@K, mean and median rank in both directions.
 
     img_emb (N, D), txt_emb (Q, D), caption_image (Q,): index of each caption's photo.
     Text->image: each caption's target is its photo. Image->text: a photo is found at the
-    best rank of any of its captions.
+    best rank of any of its captions. img_bias (N,) and txt_bias (Q,), if given, are subtracted
+    from the similarities when ranking photos, and captions (querybank_bias).
     Returns {"t2i": {...}, "i2t": {...}, "rsum": float, "n_images": N, "n_queries": Q}.
     """
     sims = txt_emb.float() @ img_emb.float().T  # (Q, N)
     q = torch.arange(len(sims))
-    target = sims[q, caption_image]  # (Q,)
+    t2i_sims = sims if img_bias is None else sims - img_bias[None, :]
+    target = t2i_sims[q, caption_image]  # (Q,)
     # 1 + the number of other photos scoring at least as high as the target.
-    t2i = (sims >= target[:, None]).sum(1)
+    t2i = (t2i_sims >= target[:, None]).sum(1)
     # Image -> text: the best-scoring own caption of each photo, then the other captions above it.
+    i2t_sims = sims if txt_bias is None else sims - txt_bias[:, None]
+    target = i2t_sims[q, caption_image]
     n = img_emb.shape[0]
     best_own = torch.full((n,), float("-inf")).scatter_reduce(0, caption_image, target, "amax")
     own = caption_image[None, :] == torch.arange(n)[:, None]  # (N, Q)
-    i2t = ((sims.T >= best_own[:, None]) & ~own).sum(1) + 1
+    i2t = ((i2t_sims.T >= best_own[:, None]) & ~own).sum(1) + 1
     metrics = {"t2i": _summary(t2i), "i2t": _summary(i2t)}
     metrics["rsum"] = sum(metrics[d][f"R@{k}"] for d in ("t2i", "i2t") for k in KS)
     metrics["n_images"], metrics["n_queries"] = n, len(sims)
     return metrics
 
 
-def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_size=64, num_workers=0):
-    """Encode one split's photos and captions and return its recall_metrics."""
+def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_size=64, num_workers=0,
+                   querybank=False):
+    """Encode one split's photos and captions and return its recall_metrics. querybank: rank with
+    querybank normalisation, the banks being the train split's photos and one caption of each."""
     data = EvalSplit(data_dir, split, image_size)
     was_training = model.training
     model.eval()
     img_emb = encode_image_dataset(model, data.image_dataset, device, batch_size, num_workers)
     txt_emb = encode_texts(model, tokenizer, data.captions, device)
+    img_bias = txt_bias = None
+    if querybank:
+        bank = EvalSplit(data_dir, "train", image_size)
+        # The first caption of each photo (captions come sorted by photo).
+        first = torch.ones(len(bank.caption_image), dtype=torch.bool)
+        first[1:] = bank.caption_image[1:] != bank.caption_image[:-1]
+        bank_txt = encode_texts(model, tokenizer, [c for c, f in zip(bank.captions, first) if f], device,
+                                desc="encoding the caption bank")
+        bank_img = encode_image_dataset(model, bank.image_dataset, device, batch_size, num_workers,
+                                        desc="encoding the photo bank")
+        scale = model.logit_scale.exp().item()
+        img_bias, txt_bias = querybank_bias(img_emb, bank_txt, scale), querybank_bias(txt_emb, bank_img, scale)
     model.train(was_training)
-    return recall_metrics(img_emb, txt_emb, data.caption_image)
+    return recall_metrics(img_emb, txt_emb, data.caption_image, img_bias, txt_bias)
 
 
 def format_metrics(metrics):

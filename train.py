@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -173,7 +174,8 @@ def cache_image_trunk(model, train_set, n_blocks, views, batch_size, num_workers
     model.eval()
     cache = None
     for v in range(views):
-        loader = DataLoader(AugmentedImages(train_set, v), batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(AugmentedImages(train_set, v), batch_size=batch_size, num_workers=num_workers,
+                            worker_init_fn=_ignore_sigterm)
         start = 0
         for images in tqdm(loader, desc=f"caching image features, view {v + 1}/{views}", unit="batch"):
             feats = model.image_trunk(images.to(device), n_blocks).float().cpu()  # (B, C, h, w)
@@ -212,8 +214,30 @@ def plot_curves(history, path):
     plt.close(fig)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's time limit, `docker stop`), handled like Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _ignore_sigterm(worker_id):
+    # DataLoader workers: a SIGTERM sent to the whole process group must not kill them before the
+    # main process has saved (their death would surface as a RuntimeError, not as Terminated).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(argv=None):
     args = get_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args):
     # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` sets none of them.
     ddp = "RANK" in os.environ
     device = pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
@@ -296,13 +320,15 @@ def run(args, device):
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
               static_graph=True) if ddp else model
 
-    def save(path):
+    def save(path, resumable=True):
         # Never let a diverged model replace a good checkpoint (the loss check misses NaN gradients).
         if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
             raise SystemExit(f"error: the weights became NaN or infinite by step {state['step']}; "
                              f"stopping without saving them ({kept(last_path)}). Try a lower --lr.")
         metrics = state["history"][-1]["val"] if state["history"] else None
-        save_checkpoint(path, model, model_args, state["epoch"], metrics, optimizer,
+        # best.pt is for evaluate.py and search.py: without AdamW's moments it is about half the
+        # size, and every cold search.py call reads it.
+        save_checkpoint(path, model, model_args, state["epoch"], metrics, optimizer if resumable else None,
                         rng_state=torch.get_rng_state(), **{k: v for k, v in state.items() if k != "epoch"})
 
     collate = Collate(tokenizer)
@@ -324,7 +350,7 @@ def run(args, device):
             order = order[state["epoch_step"] * args.batch_size:]
             loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order, drop_last=True,
                                 collate_fn=collate, num_workers=args.num_workers,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigterm)
             loss, pairs_per_s = train_epoch(net, loader, optimizer, state, args, device, total_steps,
                                             steps_per_epoch, last_path, trunk_cache)
             if not master:
@@ -342,24 +368,26 @@ def run(args, device):
             state["epoch"], state["epoch_step"] = epoch + 1, 0
             save(last_path)
             if improved:
-                save(os.path.join(args.model_dir, "best.pt"))
+                save(os.path.join(args.model_dir, "best.pt"), resumable=False)
             if (epoch + 1) % args.save_every == 0:
                 save(os.path.join(args.model_dir, f"checkpoint_epoch_{epoch + 1}.pt"))
-            with open(os.path.join(args.model_dir, "metrics.jsonl"), "w") as f:
+            metrics_path = os.path.join(args.model_dir, "metrics.jsonl")
+            with open(metrics_path + ".tmp", "w") as f:  # atomic, like the checkpoints
                 f.writelines(json.dumps(h) + "\n" for h in state["history"])
+            os.replace(metrics_path + ".tmp", metrics_path)
             plot_curves(state["history"], os.path.join(args.model_dir, "training_curves.png"))
             print(f"epoch {epoch + 1} | loss {loss:.3f} | val R@1 t2i {metrics['t2i']['R@1']:.1f} "
                   f"i2t {metrics['i2t']['R@1']:.1f} | rsum {metrics['rsum']:.1f}"
                   f"{' (best)' if improved else ''} | {pairs_per_s:.0f} pairs/s")
             if ddp:
                 dist.barrier()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # Keep what was learned: weights, optimizer and the position within the epoch.
         if master:
             save(last_path)
-            print(f"\ninterrupted: saved {last_path} (epoch {state['epoch'] + 1}, step {state['step']}); "
-                  "continue with --resume", file=sys.stderr)
-        return 130
+            print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: saved {last_path} "
+                  f"(epoch {state['epoch'] + 1}, step {state['step']}); continue with --resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as a shell reports it
     if state["history"]:
         print(format_metrics(max(state["history"], key=lambda h: h["val"]["rsum"])["val"]))
     return 0
@@ -433,6 +461,6 @@ def kept(last_path):
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C while saving
+    except KeyboardInterrupt as e:  # outside the training loop, or a second Ctrl-C while saving
         print("\ninterrupted; checkpoints already written are complete (writes are atomic)", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)

@@ -124,6 +124,22 @@ def test_sigint_then_sigkill_during_training_then_resume(tiny_data, tmp_path):
     assert (ck["epoch"], ck["step"]) == (1, 15)  # no batch trained twice or skipped
 
 
+def test_sigterm_to_the_process_group_saves_like_ctrl_c(tiny_data, tmp_path):
+    # A scheduler's time limit or `docker stop` sends SIGTERM, often to every process of the job:
+    # the DataLoader workers must outlive it until the main process has saved.
+    run = tmp_path / "run"
+    proc = start_training(fast_argv(tiny_data, run, "--epochs", "1", "--num_workers", "2"), tmp_path / "err")
+    stepped = re.compile(r" ([1-9]|1[0-3])/15 \[")
+    wait_for(lambda: stepped.search((tmp_path / "err").read_text()), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    err = (tmp_path / "err").read_text()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert "terminated: saved" in err and "continue with --resume" in err
+    ck = model.read_checkpoint(str(run / "last.pt"))
+    assert ck["epoch"] == 0 and 1 <= ck["epoch_step"] < 15
+
+
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
 def test_ctrl_c_before_training_is_one_line_and_exit_130(script, monkeypatch, capsys):
     def interrupt(*a, **k):

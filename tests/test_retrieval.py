@@ -1,6 +1,6 @@
 import torch
 
-from retrieval import recall_metrics
+from retrieval import querybank_bias, recall_metrics
 
 
 def brute_force(img, txt, caption_image, ks=(1, 5, 10)):
@@ -57,3 +57,42 @@ def test_perfect_and_reversed_rankings():
     assert perfect["rsum"] == 600.0 and perfect["t2i"]["median_rank"] == 1.0
     worst = recall_metrics(img, -img[caption_image], caption_image)
     assert worst["t2i"]["R@1"] == 0.0 and worst["t2i"]["mean_rank"] == 4.0
+
+
+def test_querybank_bias_is_the_inverted_softmax_normaliser():
+    g = torch.Generator().manual_seed(1)
+    gallery, bank = torch.randn(7, 4, generator=g), torch.randn(11, 4, generator=g)
+    want = torch.tensor([torch.log(sum(torch.exp(5.0 * (b @ x)) for b in bank)) / 5.0 for x in gallery])
+    assert torch.allclose(querybank_bias(gallery, bank, 5.0, chunk=3), want, atol=1e-5)  # chunks of 3, 3, 1
+
+
+def test_biased_metrics_rank_the_adjusted_similarities():
+    # Subtracting a bias per photo (per caption) equals appending -bias (and 1) as an extra
+    # embedding dimension, which brute_force ranks directly.
+    g = torch.Generator().manual_seed(2)
+    n = 12
+    img = torch.nn.functional.normalize(torch.randn(n, 6, generator=g), dim=-1)
+    caption_image = torch.arange(n).repeat_interleave(3)
+    txt = torch.nn.functional.normalize(img[caption_image] + torch.randn(3 * n, 6, generator=g), dim=-1)
+    img_bias, txt_bias = 0.3 * torch.randn(n, generator=g), 0.3 * torch.randn(3 * n, generator=g)
+    got = recall_metrics(img, txt, caption_image, img_bias, txt_bias)
+    ones = lambda x: torch.ones(len(x), 1)  # noqa: E731
+    t2i = brute_force(torch.cat([img, -img_bias[:, None]], 1), torch.cat([txt, ones(txt)], 1), caption_image)["t2i"]
+    i2t = brute_force(torch.cat([img, ones(img)], 1), torch.cat([txt, -txt_bias[:, None]], 1), caption_image)["i2t"]
+    for d, want in (("t2i", t2i), ("i2t", i2t)):
+        for key, value in want.items():
+            assert abs(got[d][key] - value) < 1e-6, (d, key)
+    assert got["t2i"] != recall_metrics(img, txt, caption_image)["t2i"]  # the biases changed the ranking
+
+
+def test_querybank_demotes_a_hub():
+    # Four photos and a "hub" photo that every caption is a little closer to than to its own.
+    e = torch.eye(5)[:4]
+    hub = torch.nn.functional.normalize(torch.tensor([[1.0, 1, 1, 1, 0]]), dim=-1)
+    img = torch.cat([e, hub])
+    txt = torch.nn.functional.normalize(0.6 * e + 0.8 * hub, dim=-1)
+    caption_image = torch.arange(4)
+    assert recall_metrics(img, txt, caption_image)["t2i"]["R@1"] == 0.0  # the hub wins every query
+    bank = torch.nn.functional.normalize(0.5 * e + 0.8 * hub, dim=-1)  # other captions of the same kind
+    fixed = recall_metrics(img, txt, caption_image, img_bias=querybank_bias(img, bank, 20.0))
+    assert fixed["t2i"]["R@1"] == 100.0

@@ -35,6 +35,9 @@ def test_training_writes_checkpoints_logs_and_plot(trained):
     assert history[-1]["loss"] < history[0]["loss"]
     best = torch.load(trained / "best.pt", weights_only=True)
     assert best["metrics"]["rsum"] == max(h["val"]["rsum"] for h in history)
+    # best.pt is for inference (no AdamW moments); last.pt keeps what a resume needs.
+    assert best["optimizer"] is None
+    assert torch.load(trained / "last.pt", weights_only=True)["optimizer"]["state"]
 
 
 def test_train_evaluate_search_beats_chance(trained, tmp_path, capsys):
@@ -46,6 +49,14 @@ def test_train_evaluate_search_beats_chance(trained, tmp_path, capsys):
     # Chance on 8 photos: R@1 12.5 %, mean rank 4.5.
     assert m["t2i"]["R@1"] >= 25.0 and m["t2i"]["mean_rank"] < 3.0
     assert set(m["t2i"]) == {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
+    assert m["querybank"] is False
+
+    # Querybank normalisation against the train split: recorded, and still far above chance.
+    assert evaluate.main(["--checkpoint", str(trained / "best.pt"), "--split", "test", "--querybank",
+                          "--output_json", str(out), "--num_workers", "0", "--device", "cpu"]) == 0
+    qb = json.loads(out.read_text())
+    assert qb["querybank"] is True and qb["n_queries"] == 40
+    assert qb["t2i"]["R@1"] >= 25.0 and qb["t2i"]["mean_rank"] < 3.0
 
     capsys.readouterr()
     assert search.main(["--checkpoint", str(trained / "best.pt"), "--query", "a red circle", "--top_k", "4",
