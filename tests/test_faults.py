@@ -94,18 +94,24 @@ def wait_for(condition, proc, timeout=180):
         time.sleep(0.1)
 
 
+def signal_mid_epoch(argv, err_path, sig):
+    """Start a 15-step epoch, send `sig` to its whole process group once a step is done and more
+    are to come (the workers are running); return (exit status, stderr)."""
+    proc = start_training(argv, err_path)
+    stepped = re.compile(r" ([1-9]|1[0-3])/15 \[")
+    wait_for(lambda: stepped.search(err_path.read_text()), proc)
+    os.killpg(proc.pid, sig)
+    proc.communicate(timeout=120)
+    return proc.returncode, err_path.read_text()
+
+
 def test_sigint_then_sigkill_during_training_then_resume(tiny_data, tmp_path):
     run = tmp_path / "run"
     last = run / "last.pt"
     argv = fast_argv(tiny_data, run, "--epochs", "1", "--num_workers", "2")  # 15 steps of 16 pairs
     # Ctrl-C in a terminal reaches the whole process group, DataLoader workers included.
-    proc = start_training(argv, tmp_path / "err1")
-    stepped = re.compile(r" ([1-9]|1[0-3])/15 \[")  # a step done, and more to come: the workers are running
-    wait_for(lambda: stepped.search((tmp_path / "err1").read_text()), proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.communicate(timeout=120)
-    err = (tmp_path / "err1").read_text()
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    returncode, err = signal_mid_epoch(argv, tmp_path / "err1", signal.SIGINT)
+    assert returncode == 130 and "Traceback" not in err, err
     assert "interrupted: saved" in err and "continue with --resume" in err
     first = model.read_checkpoint(str(last))
     assert first["epoch"] == 0 and first["epoch_step"] >= 1  # the position within the epoch
@@ -128,13 +134,9 @@ def test_sigterm_to_the_process_group_saves_like_ctrl_c(tiny_data, tmp_path):
     # A scheduler's time limit or `docker stop` sends SIGTERM, often to every process of the job:
     # the DataLoader workers must outlive it until the main process has saved.
     run = tmp_path / "run"
-    proc = start_training(fast_argv(tiny_data, run, "--epochs", "1", "--num_workers", "2"), tmp_path / "err")
-    stepped = re.compile(r" ([1-9]|1[0-3])/15 \[")
-    wait_for(lambda: stepped.search((tmp_path / "err").read_text()), proc)
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.communicate(timeout=120)
-    err = (tmp_path / "err").read_text()
-    assert proc.returncode == 143 and "Traceback" not in err, err
+    argv = fast_argv(tiny_data, run, "--epochs", "1", "--num_workers", "2")
+    returncode, err = signal_mid_epoch(argv, tmp_path / "err", signal.SIGTERM)
+    assert returncode == 143 and "Traceback" not in err, err
     assert "terminated: saved" in err and "continue with --resume" in err
     ck = model.read_checkpoint(str(run / "last.pt"))
     assert ck["epoch"] == 0 and 1 <= ck["epoch_step"] < 15
