@@ -70,17 +70,15 @@ class PlainTextTower(nn.Module):
         if hasattr(self, "embeddings__token_type_embeddings__weight"):  # BERT: every token is type 0
             x = x + self.w("embeddings.token_type_embeddings.weight")[0]
         x = self.layer_norm(x, "embeddings.LayerNorm")
-        # Padding is masked out of attention with the dtype's most negative number, as transformers does.
-        keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, L)
+        keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, L): no token attends to padding
+
+        def heads(t):  # (B, L, H) -> (B, heads, L, H / heads)
+            return t.view(b, n, self.heads, -1).transpose(1, 2)
+
         for i in range(self.n_layers):
             p = f"{self.kind['layers']}.{i}."
-
-            def heads(t):  # (B, L, H) -> (B, heads, L, H / heads)
-                return t.view(b, n, self.heads, -1).transpose(1, 2)
-
             q, k, v = (heads(self.linear(x, p + self.kind[part])) for part in "qkv")
-            mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, torch.finfo(q.dtype).min)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, -1)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(b, n, -1)
             x = self.layer_norm(x + self.linear(a, p + self.kind["o"]), p + self.kind["ln1"])
             h = self.linear(self.act(self.linear(x, p + self.kind["ff1"])), p + self.kind["ff2"])
             x = self.layer_norm(x + h, p + self.kind["ln2"])
