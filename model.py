@@ -253,7 +253,7 @@ def load_tokenizer(name):
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(resolve_text_encoder(name))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:  # ImportError: a damaged file sends it to optional converters
         raise SystemExit(_weights_help(f"tokenizer '{name}'", e))
 
 
@@ -498,6 +498,11 @@ def load_model(path, device, plain_text=False):
     if plain_text:
         import plain_text as pt
         if pt.usable(tok_dir, args.get("text_config") or {}):
+            try:
+                tokenizer = pt.PlainTokenizer(tok_dir)
+            except Exception as e:  # tokenizers raises plain Exceptions for a damaged file
+                raise SystemExit(f"error: the tokenizer saved beside {path} ({tok_dir}) cannot be read "
+                                 f"({_first_line(e)}); copy it again from the training run's model_dir.")
             prefix = "text_tower."
             text_state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
             tower = pt.PlainTextTower(args["text_config"], text_state)
@@ -506,7 +511,7 @@ def load_model(path, device, plain_text=False):
             state = {k: v for k, v in ckpt["model"].items() if not k.startswith(prefix)}
             state.update({prefix + k.replace(".", "__"): v for k, v in text_state.items()})
             load_weights(model, state, path)
-            return model.to(device).eval(), pt.PlainTokenizer(tok_dir), ckpt
+            return model.to(device).eval(), tokenizer, ckpt
     # The checkpoint overwrites every weight, so skip the random initialisation: it is ~90% of
     # building MobileNetV3-small + DistilBERT (0.4 of 0.45 CPU-seconds here, 1.6 of 1.8 s of wall
     # time on a busy 2-core CPU), and every cold `search.py --query` and evaluate.py pays it.

@@ -79,3 +79,16 @@ def test_load_model_plain_text_gives_the_same_embeddings(tmp_path):
     assert (a * b).sum(-1).min() > 0.999
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     assert torch.equal(ref.encode_images(images), fast.encode_images(images))
+
+
+def test_damaged_saved_tokenizer_is_one_clear_error(tmp_path):
+    folder = str(tmp_path / "tower")
+    model.save_tiny_text_encoder(folder, ["a dog runs"])
+    m = model.DualEncoder(text_encoder=folder, pretrained=False)
+    args = {"image_encoder": "mobilenet_v3_small", "text_encoder": folder, "embedding_dim": 512,
+            "text_pooling": "cls", "temperature": 0.07, "fixed_temperature": False, "image_size": 64}
+    model.load_tokenizer(folder).save_pretrained(tmp_path / "tokenizer")
+    model.save_checkpoint(str(tmp_path / "best.pt"), m, args, 1, None)
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="tokenizer saved beside .* cannot be read"):
+        model.load_model(str(tmp_path / "best.pt"), torch.device("cpu"), plain_text=True)
