@@ -95,10 +95,11 @@ def wait_for(condition, proc, timeout=180):
 
 
 def signal_mid_epoch(argv, err_path, sig):
-    """Start a 15-step epoch, send `sig` to its whole process group once a step is done and more
-    are to come (the workers are running); return (exit status, stderr)."""
+    """Start a 15-step epoch, send `sig` to its whole process group once 3 steps are done and more
+    are to come (both workers have delivered a batch, so both are running); return (exit status,
+    stderr)."""
     proc = start_training(argv, err_path)
-    stepped = re.compile(r" ([1-9]|1[0-3])/15 \[")
+    stepped = re.compile(r" ([3-9]|1[0-3])/15 \[")
     wait_for(lambda: stepped.search(err_path.read_text()), proc)
     os.killpg(proc.pid, sig)
     proc.communicate(timeout=120)
