@@ -2,7 +2,7 @@
 
     python evaluate.py                                   # models/best.pt on the test split
     python evaluate.py --checkpoint models/best.pt --split val --output_json results/val.json
-    python evaluate.py --checkpoint models/best.pt --split val --querybank
+    python evaluate.py --checkpoint models/best.pt --split val --no_querybank   # plain cosine
 
 Text->image uses every caption as a query (5,000 over 1,000 photos on Flickr8K); image->text
 counts a photo as found at the best rank of any of its captions. Recalls are in percent.
@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from model import load_model, pick_device
+from model import eval_image_size, load_model, pick_device
 from retrieval import chance_recall, evaluate_split, format_metrics
 
 
@@ -25,8 +25,11 @@ def get_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("--querybank", action="store_true",
-                   help="rank with querybank normalisation against the train split (see README, 'Results')")
+    # Default: rank as search.py does with this checkpoint (train.py --querybank).
+    qb = p.add_mutually_exclusive_group()
+    qb.add_argument("--querybank", action="store_true", default=None,
+                    help="rank with querybank normalisation against the train split (see README, 'Results')")
+    qb.add_argument("--no_querybank", dest="querybank", action="store_false", help="rank by cosine similarity")
     p.add_argument("--output_json", default=None, help="also write the metrics to this JSON file")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
@@ -39,21 +42,22 @@ def main(argv=None):
     device = pick_device(args.device)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
     data_dir = args.data_dir or ckpt["args"].get("data_dir")
+    querybank = ckpt["args"].get("querybank", False) if args.querybank is None else args.querybank
     if not data_dir:
         raise SystemExit(f"error: {args.checkpoint} does not say which dataset it was trained on; pass --data_dir.")
-    metrics = evaluate_split(model, tokenizer, data_dir, args.split, ckpt["args"]["image_size"], device,
-                             args.batch_size, args.num_workers, querybank=args.querybank)
+    metrics = evaluate_split(model, tokenizer, data_dir, args.split, eval_image_size(ckpt["args"]), device,
+                             args.batch_size, args.num_workers, querybank=querybank)
     n_images = metrics["n_images"]
     print(f"{args.checkpoint} (epoch {ckpt.get('epoch')}) on {data_dir} [{args.split}]: "
           f"{n_images} photos, {metrics['n_queries']} captions"
-          f"{', querybank-normalised (train split)' if args.querybank else ''}")
+          f"{', querybank-normalised (train split)' if querybank else ''}")
     print(format_metrics(metrics))
     print(f"chance: R@1 {chance_recall(n_images, 1):.2f}, R@10 {chance_recall(n_images, 10):.2f}")
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
         with open(args.output_json + ".tmp", "w") as f:  # never leave half a JSON file behind
             json.dump({**metrics, "checkpoint": args.checkpoint, "split": args.split,
-                       "querybank": args.querybank}, f, indent=2)
+                       "querybank": querybank}, f, indent=2)
         os.replace(args.output_json + ".tmp", args.output_json)
         print(f"wrote {args.output_json}")
     return 0

@@ -5,7 +5,9 @@ exact top-k search over them. Example:
 
 Embeddings are stored as float16, 1 KB a photo at D=512, and searched exhaustively in chunks
 (no approximation); the top candidates of each chunk are rescored in float32. The index
-records a fingerprint of the model that made it, so embeddings of two models never mix.
+records a fingerprint of the model that made it, so embeddings of two models never mix. For a
+model trained with --querybank it also keeps each photo's querybank bias, which text queries'
+scores are lowered by (retrieval.querybank_bias).
 """
 
 import hashlib
@@ -19,17 +21,19 @@ from tqdm import tqdm
 
 from dataset import IMAGE_EXTENSIONS, load_image
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: a querybank bias per photo
 CHUNK_ROWS = 16384  # 16 MB of float16 at D=512: few enough chunks, small enough to stay in cache
 RESCORE_EXTRA = 16  # candidates kept beyond k for the float32 rescoring: room for float16 rounding
 
 
-def model_fingerprint(model, image_size):
-    """A hash of everything that maps a photo to its embedding: the image tower, the image
-    projection and the input size. Copying a checkpoint keeps it; retraining changes it."""
-    h = hashlib.sha256(f"image_size={image_size}".encode())
+def model_fingerprint(model, image_size, querybank=False):
+    """A hash of everything that maps a photo to its embedding (the image tower, the image
+    projection, the input size and the mirror-image averaging) and, with querybank, to its bias
+    (the text tower too). Copying a checkpoint keeps it; retraining changes it."""
+    h = hashlib.sha256(f"image_size={image_size}{',flip' if model.eval_flip else ''}"
+                       f"{',querybank' if querybank else ''}".encode())
     for name, t in sorted(model.state_dict().items()):
-        if name.startswith(("image_tower.", "image_proj.")):
+        if querybank or name.startswith(("image_tower.", "image_proj.")):
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
@@ -86,7 +90,7 @@ def encode_photos(model, paths, image_size, device, batch_size=32, num_workers=0
             for images, errs in loader:
                 ok = torch.tensor([not e for e in errs])
                 if ok.any():
-                    embs.append(model.encode_images(images[ok].to(device)).cpu().half())
+                    embs.append(model.embed_photos(images[ok].to(device)).cpu().half())
                 errors += errs
                 bar.update(len(errs))
     except KeyboardInterrupt:
@@ -105,6 +109,7 @@ class GalleryIndex:
         self.emb = torch.empty(0, dim, dtype=torch.float16)  # (N, D)
         self.paths = []  # (N,) relative, '/'-separated
         self.stats = torch.empty(0, 2, dtype=torch.int64)  # (N, 2): size, mtime_ns
+        self.bias = None  # (N,) float32 querybank bias, subtracted from text queries' scores
         self.failed = {}  # unreadable files, {path: [size, mtime_ns, reason]}: retried once they change
 
     def __len__(self):
@@ -120,7 +125,7 @@ class GalleryIndex:
         if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
             return None
         ix = cls(data["fingerprint"], data["root"], data["embeddings"].shape[1], data["checkpoint"])
-        ix.emb, ix.stats, ix.failed = data["embeddings"], data["stats"], data["failed"]
+        ix.emb, ix.stats, ix.failed, ix.bias = data["embeddings"], data["stats"], data["failed"], data["bias"]
         # One NUL-joined string, not a list: unpickling a million strings one by one is slow.
         ix.paths = data["paths"].split("\0") if data["paths"] else []
         return ix
@@ -144,14 +149,17 @@ class GalleryIndex:
         """Write atomically: a crash mid-write leaves the previous index intact."""
         data = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "root": self.root,
                 "checkpoint": self.checkpoint, "embeddings": self.emb, "paths": "\0".join(self.paths),
-                "stats": self.stats, "failed": self.failed}
+                "stats": self.stats, "failed": self.failed, "bias": self.bias}
         tmp = f"{path}.tmp"
         torch.save(data, tmp)
         os.replace(tmp, path)
 
-    def update(self, files, model, image_size, device, batch_size=32, num_workers=0):
+    def update(self, files, model, image_size, device, batch_size=32, num_workers=0, make_bias_fn=None):
         """Match the index to `files` ({relative path: (size, mtime_ns)} under root): drop photos
-        that are gone, encode new and changed ones. Returns counts and the unreadable files:
+        that are gone, encode new and changed ones. make_bias_fn() -> bias_fn, where bias_fn(emb
+        (M, D)) -> (M,) gives new photos their querybank bias; it is called before the encoding,
+        so that a Ctrl-C while it prepares (encodes the caption bank) loses no photo encoded.
+        Returns counts and the unreadable files:
         {"added", "updated", "removed", "failed": [(path, reason)], "interrupted", "changed"}."""
         old_stats, n_failed = self.stats.tolist(), len(self.failed)
         keep = [i for i, p in enumerate(self.paths) if list(files.get(p, ())) == old_stats[i]]
@@ -162,14 +170,19 @@ class GalleryIndex:
         removed = sum(p not in files for p in self.paths)
         if len(keep) < len(self.paths):
             self.emb, self.stats = self.emb[keep], self.stats[keep]
+            self.bias = None if self.bias is None else self.bias[keep]
             self.paths = [self.paths[i] for i in keep]
         interrupted = False
         if todo:
+            bias_fn = make_bias_fn() if make_bias_fn is not None else None
             emb, errors = encode_photos(model, [os.path.join(self.root, p) for p in todo], image_size,
                                         device, batch_size, num_workers)
             interrupted = len(errors) < len(todo)
             done = [p for p, e in zip(todo, errors) if not e]
             self.emb = torch.cat([self.emb, emb])
+            if bias_fn is not None:
+                old = torch.empty(0) if self.bias is None else self.bias
+                self.bias = torch.cat([old, bias_fn(emb) if len(emb) else torch.empty(0)])
             self.stats = torch.cat([self.stats, torch.tensor([files[p] for p in done], dtype=torch.int64).view(-1, 2)])
             self.paths += done
             for p, e in zip(todo, errors):
@@ -182,8 +195,9 @@ class GalleryIndex:
         return report
 
     @torch.no_grad()
-    def top_k(self, query_emb, k, chunk_rows=CHUNK_ROWS):
-        """Exact top-k by cosine similarity for L2-normalised queries (Q, D) float32.
+    def top_k(self, query_emb, k, chunk_rows=CHUNK_ROWS, bias=None):
+        """Exact top-k by cosine similarity for L2-normalised queries (Q, D) float32, less the
+        photos' bias (N,) if given (querybank normalisation).
 
         Returns scores (Q, k') float32 and row indices (Q, k') int64, best first, k' = min(k, N).
         Each chunk of rows is scored straight from float16 storage (no float32 copy of the
@@ -208,6 +222,8 @@ class GalleryIndex:
                 buf = buffers.get()
                 s = buf[:len(block)].copy_(block) @ q.T  # (C, Q): one conversion serves every query
                 buffers.put(buf)
+            if bias is not None:
+                s = s - bias[lo:lo + len(block), None].to(s.dtype)
             top = s.topk(min(k + RESCORE_EXTRA, len(block)), dim=0)  # (c, Q)
             return top.values.float(), top.indices + lo
 
@@ -218,5 +234,7 @@ class GalleryIndex:
         best = approx.topk(min(k + RESCORE_EXTRA, len(approx)), dim=0).indices  # (c, Q)
         cand = rows.gather(0, best).T  # (Q, c) row numbers
         exact = (self.emb[cand].float() @ q[:, :, None])[..., 0]  # (Q, c) float32
+        if bias is not None:
+            exact = exact - bias.float()[cand]
         scores, j = exact.topk(k, dim=1)
         return scores, cand.gather(1, j)

@@ -25,8 +25,8 @@ import torch
 
 from dataset import IMAGE_EXTENSIONS, load_image, open_rgb
 from index import GalleryIndex, model_fingerprint, scan_folder
-from model import load_model, pick_device
-from retrieval import encode_texts
+from model import eval_image_size, load_model, pick_device
+from retrieval import caption_bank, encode_texts, querybank_bias
 
 MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file beside the index
 
@@ -174,10 +174,24 @@ def save_grid(paths, scores, out_path, title, query_image=None, show=False):
     plt.close(fig)
 
 
-def index_gallery(args, model, ckpt):
+def querybank_source(args, ckpt):
+    """The dataset whose training captions are the querybank of a checkpoint trained with
+    --querybank, or None: rank by cosine similarity."""
+    if not ckpt["args"].get("querybank"):
+        return None
+    data_dir = args.data_dir or ckpt["args"].get("data_dir") or ""
+    if os.path.isfile(os.path.join(data_dir, "captions.csv")):
+        return data_dir
+    log(f"warning: {args.checkpoint} ranks with querybank normalisation, which needs its training "
+        f"captions ({os.path.join(data_dir, 'captions.csv')}: not found); ranking by cosine similarity "
+        "instead. Pass --data_dir to point at them.")
+    return None
+
+
+def index_gallery(args, model, tokenizer, ckpt):
     """Bring the gallery's index up to date and save it. Returns (index, folder the paths are
     relative to as the user named it, whether Ctrl-C cut the indexing short)."""
-    image_size = ckpt["args"]["image_size"]
+    image_size = eval_image_size(ckpt["args"])
     if args.images_dir:
         shown_root = args.images_dir
         root = os.path.realpath(args.images_dir)
@@ -194,10 +208,16 @@ def index_gallery(args, model, ckpt):
     index_dir = args.index_dir or os.path.dirname(os.path.abspath(args.checkpoint))
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     path = os.path.join(index_dir, f"index_{stem}_{name}.pt")
-    ix = GalleryIndex.open(path, model_fingerprint(model, image_size), root, model.image_proj.out_features,
-                           os.path.abspath(args.checkpoint), log)
-    report = ix.update(files, model, image_size, next(model.parameters()).device, args.batch_size,
-                       args.num_workers)
+    qb_dir = querybank_source(args, ckpt)
+    ix = GalleryIndex.open(path, model_fingerprint(model, image_size, qb_dir is not None), root,
+                           model.image_proj.out_features, os.path.abspath(args.checkpoint), log)
+    device = next(model.parameters()).device
+    make_bias_fn = None
+    if qb_dir is not None:
+        def make_bias_fn():  # called only when there are new photos: encoding the bank takes a while
+            bank = caption_bank(model, tokenizer, qb_dir, device)
+            return lambda emb: querybank_bias(emb, bank, model.logit_scale.exp().item())
+    report = ix.update(files, model, image_size, device, args.batch_size, args.num_workers, make_bias_fn)
     if report["changed"] or not os.path.exists(path):
         try:
             os.makedirs(index_dir, exist_ok=True)
@@ -230,11 +250,11 @@ def main(argv=None):
     model, tokenizer, ckpt = load_model(args.checkpoint, device, plain_text=True)
     if args.image:  # read it before indexing, so a bad file fails at once
         try:
-            query_img = torch.from_numpy(load_image(args.image, ckpt["args"]["image_size"])).permute(2, 0, 1)
+            query_img = torch.from_numpy(load_image(args.image, eval_image_size(ckpt["args"]))).permute(2, 0, 1)
         except Exception as e:
             raise SystemExit(f"error: cannot read --image {args.image} ({type(e).__name__}: {e}); "
                              "give a JPEG, PNG or WebP photo.")
-    ix, shown_root, interrupted = index_gallery(args, model, ckpt)
+    ix, shown_root, interrupted = index_gallery(args, model, tokenizer, ckpt)
     if interrupted:
         log(f"interrupted: {len(ix)} photos indexed and saved; run again to index the rest.")
         return 130
@@ -244,10 +264,11 @@ def main(argv=None):
 
     with torch.no_grad():
         if args.image:
-            q_emb = model.encode_images(query_img[None].to(device)).cpu()  # (1, D)
+            q_emb = model.embed_photos(query_img[None].to(device)).cpu()  # (1, D)
         else:
             q_emb = encode_texts(model, tokenizer, labels, device, desc="encoding queries")  # (Q, D)
-    scores, rows = ix.top_k(q_emb, args.top_k)  # (Q, k) each
+    # The querybank bias corrects text queries only: it measures how close a photo is to captions.
+    scores, rows = ix.top_k(q_emb, args.top_k, bias=None if args.image else ix.bias)  # (Q, k) each
     results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in zip(rr, ss)]
                for rr, ss in zip(rows.tolist(), scores.tolist())]
     print_results(labels, results, len(ix), bool(args.image), args.json)

@@ -31,6 +31,7 @@ from model import (
     info_nce,
     load_tokenizer,
     load_weights,
+    eval_image_size,
     model_from_args,
     pick_device,
     read_checkpoint,
@@ -53,6 +54,13 @@ def get_args(argv=None):
     p.add_argument("--model_dir", default="models", help="where checkpoints and logs go")
     p.add_argument("--image_size", type=int, default=224, help="image side in pixels")
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--eval_image_size", type=int, default=0,
+                   help="photo side for validation, evaluate.py and search.py (0: --image_size); see README")
+    p.add_argument("--eval_flip", action="store_true",
+                   help="validation, evaluate.py and search.py embed each photo and its mirror image, averaged")
+    p.add_argument("--querybank", action="store_true",
+                   help="evaluate.py and search.py rank with querybank normalisation against the training "
+                        "captions and photos (not the per-epoch validation: see README)")
     # model
     p.add_argument("--image_encoder", default="mobilenet_v3_small",
                    choices=["mobilenet_v3_small", "efficientnet_lite0"], help="image tower")
@@ -97,8 +105,8 @@ def get_args(argv=None):
     for name in ("batch_size", "epochs", "embedding_dim", "image_size", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.num_workers < 0 or args.max_steps < 0 or args.warmup_steps < 0:
-        p.error("--num_workers, --max_steps and --warmup_steps cannot be negative")
+    if min(args.num_workers, args.max_steps, args.warmup_steps, args.eval_image_size) < 0:
+        p.error("--num_workers, --max_steps, --warmup_steps and --eval_image_size cannot be negative")
     if not 0 < args.temperature < math.inf:  # also refuses nan
         p.error("--temperature must be a positive number")
     if not all(0 <= x < math.inf for x in (args.lr, args.image_lr, args.head_lr, args.weight_decay)):
@@ -357,7 +365,7 @@ def run(args, device):
                 state["epoch"], state["epoch_step"] = epoch + 1, 0
                 dist.barrier()  # wait while rank 0 validates and saves
                 continue
-            metrics = evaluate_split(model, tokenizer, args.data_dir, "val", model_args["image_size"],
+            metrics = evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(model_args),
                                      device, num_workers=min(args.num_workers, 2))
             state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": loss,
                                      "pairs_per_s": pairs_per_s,

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset import EvalSplit  # noqa: E402
-from model import load_model, pick_device  # noqa: E402
+from model import eval_image_size, load_model, pick_device  # noqa: E402
 from retrieval import encode_image_dataset, encode_texts, format_metrics, recall_metrics  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = pick_device(args.device)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
-    data = EvalSplit(args.data_dir or ckpt["args"]["data_dir"], args.split, ckpt["args"]["image_size"])
+    data = EvalSplit(args.data_dir or ckpt["args"]["data_dir"], args.split, eval_image_size(ckpt["args"]))
     emb = {}
     for name, amp in (("fp32", False), ("autocast", True)):
         model.amp = amp

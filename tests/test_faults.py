@@ -368,6 +368,7 @@ def test_interrupted_image_cache_is_never_used_and_rebuilds(tiny_data, tmp_path,
     (train.main, ["--bogus"]), (train.main, ["--lr", "-1"]), (train.main, ["--temperature", "nan"]),
     (train.main, ["--weight_decay", "inf"]), (train.main, ["--batch_size", "0"]),
     (train.main, ["--no_pretrained", "--image_weights", "w.pt"]), (train.main, ["--image_encoder", "vit"]),
+    (train.main, ["--eval_image_size", "-1"]), (evaluate.main, ["--querybank", "--no_querybank"]),
     (evaluate.main, ["--bogus"]), (evaluate.main, ["--split", "dev"]), (evaluate.main, ["--batch_size", "0"]),
 ])
 def test_bad_flags_get_argparse_errors(main, argv, capsys):

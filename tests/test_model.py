@@ -77,6 +77,34 @@ def test_embeddings_are_unit_length(tiny_model, tiny_data):
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
 
 
+def test_eval_flip_averages_a_photo_with_its_mirror_image(tiny_data):
+    torch.manual_seed(0)
+    m = DualEncoder(text_encoder=f"{tiny_data}/text_encoder", embedding_dim=16, pretrained=False)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    images[:, 0, :, :32] = 255  # a red left half: the mirror image is another photo
+    for mod in m.modules():  # batch norm statistics of one batch: photos map to distinct points
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None
+    with torch.no_grad():
+        m.encode_images(images)
+        m.eval()
+        symmetric = torch.cat([images[..., :32], images[..., :32].flip(-1)], -1)
+        plain, mirrored = m.encode_images(images), m.encode_images(images.flip(-1))
+        assert torch.equal(m.embed_photos(images), plain)  # eval_flip off: encode_images
+        m.eval_flip = True
+        both = m.embed_photos(images)
+        assert torch.allclose(both, torch.nn.functional.normalize(plain + mirrored, dim=-1), atol=1e-6)
+        assert (both * plain).sum(-1).max() < 0.999  # differs from the photo's own embedding
+        assert torch.allclose(m.embed_photos(symmetric), m.encode_images(symmetric), atol=1e-5)
+
+
+def test_eval_image_size_defaults_to_the_training_size():
+    assert model.eval_image_size({"image_size": 224}) == 224  # checkpoints from before the flag
+    assert model.eval_image_size({"image_size": 224, "eval_image_size": 0}) == 224
+    assert model.eval_image_size({"image_size": 224, "eval_image_size": 256}) == 256
+
+
 def test_logit_scale_is_clamped_and_can_be_fixed(tiny_data):
     m = DualEncoder(text_encoder=f"{tiny_data}/text_encoder", embedding_dim=8, pretrained=False,
                     temperature=0.001, fixed_temperature=True)

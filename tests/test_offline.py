@@ -41,6 +41,7 @@ def test_offline_config_file_parses_to_the_recipe():
     assert args.text_encoder == "all-minilm-l6-v2"
     assert args.text_pooling == "mean"
     assert args.freeze_image_blocks > 0 and args.image_cache_views > 0
+    assert (args.eval_image_size, args.eval_flip, args.querybank) == (256, True, True)
 
 
 def test_flag_file_comments_and_blank_lines(tmp_path):

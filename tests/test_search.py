@@ -182,6 +182,14 @@ def test_top_k_equals_brute_force_float32():
     scores, rows = ix.top_k(q, 50_000)
     assert rows.shape == (3, 20_000)  # k beyond the gallery: the whole gallery, ranked
 
+    # A querybank bias per photo is subtracted before ranking (large enough to reorder the top).
+    bias = 0.3 * torch.rand(len(x), generator=g)
+    for queries in (q[:1], q):
+        scores, rows = ix.top_k(queries, 10, chunk_rows=3001, bias=bias)
+        exact = (queries @ ix.emb.float().T - bias).topk(10, dim=1)
+        assert torch.equal(rows, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
+        assert not torch.equal(rows, ix.top_k(queries, 10, chunk_rows=3001)[1])
+
 
 # ---------------------------------------------------------------------------- the command line
 

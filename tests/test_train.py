@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,8 +10,10 @@ from tiny import train_argv
 
 import evaluate
 import index
+import retrieval
 import search
 import train
+from model import load_model
 
 
 def weights(path):
@@ -83,6 +86,61 @@ def test_search_index_is_reused_and_rebuilt(trained, tmp_path, monkeypatch):
     torch.save(ck, tmp_path / "retrained" / "best.pt")
     search.main(["--checkpoint", str(tmp_path / "retrained" / "best.pt"), *argv])
     assert calls == [8]
+
+
+def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, tmp_path, capsys, monkeypatch):
+    # The recipe's inference options, as train.py --eval_image_size 72 --eval_flip --querybank saves them.
+    ck = torch.load(trained / "best.pt", weights_only=True)
+    ck["args"].update(eval_image_size=72, eval_flip=True, querybank=True)
+    os.makedirs(tmp_path / "m")
+    torch.save(ck, tmp_path / "m" / "best.pt")
+    shutil.copytree(trained / "tokenizer", tmp_path / "m" / "tokenizer")
+    best = str(tmp_path / "m" / "best.pt")
+    sizes = []
+    real_split = retrieval.EvalSplit
+    monkeypatch.setattr(retrieval, "EvalSplit", lambda d, split, size: sizes.append(size) or real_split(d, split, size))
+    out = tmp_path / "val.json"
+    common = ["--checkpoint", best, "--split", "val", "--output_json", str(out), "--num_workers", "0",
+              "--device", "cpu"]
+    assert evaluate.main(common) == 0
+    assert json.loads(out.read_text())["querybank"] is True and sizes == [72, 72]  # val, then the photo bank
+    assert evaluate.main([*common, "--no_querybank"]) == 0
+    plain = json.loads(out.read_text())
+    assert plain["querybank"] is False and sizes[-1] == 72
+
+    # search.py ranks text queries by similarity less each photo's querybank bias (train captions).
+    model, tok, _ = load_model(best, torch.device("cpu"))
+    assert model.eval_flip
+    banks = []
+    real_bank = search.caption_bank
+    monkeypatch.setattr(search, "caption_bank", lambda *a: banks.append(1) or real_bank(*a))
+    argv = ["--checkpoint", best, "--use_test_set", "--query", "a red circle", "--top_k", "8", "--json",
+            "--device", "cpu", "--num_workers", "0"]
+    capsys.readouterr()
+    assert search.main(argv) == 0
+    hits = json.loads(capsys.readouterr().out)
+    ix = index.GalleryIndex.load(str(tmp_path / "m" / "index_best_test.pt"))
+    bank = retrieval.caption_bank(model, tok, ck["args"]["data_dir"], torch.device("cpu"))
+    scale = model.logit_scale.exp().item()
+    assert torch.allclose(ix.bias, retrieval.querybank_bias(ix.emb, bank, scale), atol=1e-5)
+    q = retrieval.encode_texts(model, tok, ["a red circle"], torch.device("cpu"))
+    expect = (q @ ix.emb.float().T)[0] - ix.bias
+    order = expect.argsort(descending=True)
+    assert [h["path"] for h in hits] == [os.path.join(ck["args"]["data_dir"], "images", ix.paths[i]) for i in order]
+    assert [h["score"] for h in hits] == pytest.approx(expect[order].tolist(), abs=1e-5)
+    assert search.main(argv) == 0 and banks == [1]  # the stored index answers: no bank encoded again
+
+    # Without its training captions, search.py says so and ranks by cosine similarity.
+    capsys.readouterr()
+    photos = os.path.join(ck["args"]["data_dir"], "images")
+    assert search.main([*argv[:2], "--images_dir", photos, "--data_dir", str(tmp_path), *argv[3:]]) == 0
+    res = capsys.readouterr()
+    assert "ranking by cosine similarity" in res.err
+    hits = json.loads(res.out)
+    [folder_index] = [n for n in os.listdir(tmp_path / "m") if n.startswith("index_best_images-")]
+    plain = index.GalleryIndex.load(str(tmp_path / "m" / folder_index))
+    assert plain.bias is None and len(plain) == 64
+    assert hits[0]["score"] == pytest.approx((q @ plain.emb.float().T).max().item(), abs=1e-5)
 
 
 def test_resume_at_epoch_boundary_gives_the_same_weights(tiny_data, tmp_path, monkeypatch):
