@@ -120,7 +120,7 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     assert search.main(argv) == 0
     hits = json.loads(capsys.readouterr().out)
     ix = index.GalleryIndex.load(str(tmp_path / "m" / "index_best_test.pt"))
-    bank = retrieval.caption_bank(model, tok, ck["args"]["data_dir"], torch.device("cpu"))
+    bank = retrieval.caption_bank(model, tok, ck["args"]["data_dir"], torch.device("cpu")).half().float()
     scale = model.logit_scale.exp().item()
     assert torch.allclose(ix.bias, retrieval.querybank_bias(ix.emb, bank, scale), atol=1e-5)
     q = retrieval.encode_texts(model, tok, ["a red circle"], torch.device("cpu"))
@@ -129,6 +129,9 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     assert [h["path"] for h in hits] == [os.path.join(ck["args"]["data_dir"], "images", ix.paths[i]) for i in order]
     assert [h["score"] for h in hits] == pytest.approx(expect[order].tolist(), abs=1e-5)
     assert search.main(argv) == 0 and banks == [1]  # the stored index answers: no bank encoded again
+    os.remove(tmp_path / "m" / "index_best_test.pt")  # photos to encode again: the stored bank serves
+    capsys.readouterr()
+    assert search.main(argv) == 0 and banks == [1] and json.loads(capsys.readouterr().out) == hits
 
     # Without its training captions, search.py says so and ranks by cosine similarity.
     capsys.readouterr()
