@@ -26,12 +26,13 @@ CHUNK_ROWS = 16384  # 16 MB of float16 at D=512: few enough chunks, small enough
 RESCORE_EXTRA = 16  # candidates kept beyond k for the float32 rescoring: room for float16 rounding
 
 
-def model_fingerprint(model, image_size, querybank=False):
+def model_fingerprint(model, image_size, querybank=""):
     """A hash of everything that maps a photo to its embedding (the image tower, the image
-    projection, the input size and the mirror-image averaging) and, with querybank, to its bias
-    (the text tower too). Copying a checkpoint keeps it; retraining changes it."""
+    projection, the input size and the mirror-image averaging) and, given `querybank` (a string
+    naming the caption bank), to its bias (the text tower too). Copying a checkpoint keeps it;
+    retraining changes it."""
     h = hashlib.sha256(f"image_size={image_size}{',flip' if model.eval_flip else ''}"
-                       f"{',querybank' if querybank else ''}".encode())
+                       f"{',querybank=' + querybank if querybank else ''}".encode())
     for name, t in sorted(model.state_dict().items()):
         if querybank or name.startswith(("image_tower.", "image_proj.")):
             h.update(name.encode())
@@ -179,10 +180,10 @@ class GalleryIndex:
                                         device, batch_size, num_workers)
             interrupted = len(errors) < len(todo)
             done = [p for p, e in zip(todo, errors) if not e]
-            self.emb = torch.cat([self.emb, emb])
-            if bias_fn is not None:
+            if bias_fn is not None:  # before anything changes: rows, paths and biases stay aligned
                 old = torch.empty(0) if self.bias is None else self.bias
                 self.bias = torch.cat([old, bias_fn(emb) if len(emb) else torch.empty(0)])
+            self.emb = torch.cat([self.emb, emb])
             self.stats = torch.cat([self.stats, torch.tensor([files[p] for p in done], dtype=torch.int64).view(-1, 2)])
             self.paths += done
             for p, e in zip(todo, errors):
@@ -222,8 +223,8 @@ class GalleryIndex:
                 buf = buffers.get()
                 s = buf[:len(block)].copy_(block) @ q.T  # (C, Q): one conversion serves every query
                 buffers.put(buf)
-            if bias is not None:
-                s = s - bias[lo:lo + len(block), None].to(s.dtype)
+            if bias is not None:  # in float32: a float16 bias would add its own rounding
+                s = s.float() - bias[lo:lo + len(block), None]
             top = s.topk(min(k + RESCORE_EXTRA, len(block)), dim=0)  # (c, Q)
             return top.values.float(), top.indices + lo
 

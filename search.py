@@ -188,11 +188,17 @@ def querybank_source(args, ckpt):
     return None
 
 
+def bank_name(data_dir):
+    """Names the caption bank of a dataset: its folder and its captions.csv's size and time."""
+    st = os.stat(os.path.join(data_dir, "captions.csv"))
+    return f"{os.path.realpath(data_dir)}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def stored_caption_bank(model, tokenizer, data_dir, device, path, fingerprint):
     """retrieval.caption_bank, kept in `path` (float16, 30 MB for Flickr8K's 30,000 captions): photos
-    added to an index later need no second encoding of the bank (a minute or two on 2 cores)."""
-    st = os.stat(os.path.join(data_dir, "captions.csv"))
-    key = f"{fingerprint}:{os.path.realpath(data_dir)}:{st.st_size}:{st.st_mtime_ns}"
+    added to an index later need no second encoding of the bank (a minute or two on 2 cores).
+    `fingerprint` (model_fingerprint with the bank's name) says which model and bank it is."""
+    key = fingerprint
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         if data["key"] == key:
@@ -230,7 +236,7 @@ def index_gallery(args, model, tokenizer, ckpt):
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     path = os.path.join(index_dir, f"index_{stem}_{name}.pt")
     qb_dir = querybank_source(args, ckpt)
-    fingerprint = model_fingerprint(model, image_size, qb_dir is not None)
+    fingerprint = model_fingerprint(model, image_size, bank_name(qb_dir) if qb_dir is not None else "")
     ix = GalleryIndex.open(path, fingerprint, root, model.image_proj.out_features, os.path.abspath(args.checkpoint), log)
     device = next(model.parameters()).device
     make_bias_fn = None

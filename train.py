@@ -293,9 +293,11 @@ def run(args, device):
         log(f"no {last_path} to resume from; starting a new run")
     model_args = {**vars(args), "amp": not args.no_amp}
     if ckpt is not None:
-        # The model is rebuilt as it was trained; flags given now only steer the schedule.
-        model_args.update({k: ckpt["args"][k] for k in ckpt["args"] if k.startswith(("image_", "text_"))
-                           or k in ("embedding_dim", "temperature", "fixed_temperature", "no_pretrained")})
+        # The model is rebuilt as it was trained, inference options included (so validation stays
+        # comparable across the resume); flags given now only steer the schedule.
+        model_args.update({k: ckpt["args"][k] for k in ckpt["args"] if k.startswith(("image_", "text_", "eval_"))
+                           or k in ("embedding_dim", "temperature", "fixed_temperature", "no_pretrained",
+                                    "querybank")})
     model = model_from_args(model_args, pretrained=None if ckpt is None else False).to(device)
     if args.freeze_image:
         model.image_tower.requires_grad_(False)
