@@ -198,17 +198,16 @@ def stored_caption_bank(model, tokenizer, data_dir, device, path, fingerprint):
     """retrieval.caption_bank, kept in `path` (float16, 30 MB for Flickr8K's 30,000 captions): photos
     added to an index later need no second encoding of the bank (a minute or two on 2 cores).
     `fingerprint` (model_fingerprint with the bank's name) says which model and bank it is."""
-    key = fingerprint
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        if data["key"] == key:
+        if data["key"] == fingerprint:
             return data["bank"].float()
     except Exception:
         pass  # missing, damaged or another model's: encode it
     bank = caption_bank(model, tokenizer, data_dir, device).half()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"key": key, "bank": bank}, path + ".tmp")
+        torch.save({"key": fingerprint, "bank": bank}, path + ".tmp")
         os.replace(path + ".tmp", path)
     except OSError:
         pass  # a read-only folder: encode again next time
@@ -316,4 +315,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # e.g. while the caption bank is encoded: before anything is written
+        print("\ninterrupted; the saved index and caption bank are complete (writes are atomic)", file=sys.stderr)
+        sys.exit(130)

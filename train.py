@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from dataset import AugmentedImages, Collate, PairDataset, read_captions
 from model import (
+    eval_image_size,
     gather_batch,
     info_nce,
     load_tokenizer,
     load_weights,
-    eval_image_size,
     model_from_args,
     pick_device,
     read_checkpoint,

@@ -143,12 +143,12 @@ def test_sigterm_to_the_process_group_saves_like_ctrl_c(tiny_data, tmp_path):
     assert ck["epoch"] == 0 and 1 <= ck["epoch_step"] < 15
 
 
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "search.py"])
 def test_ctrl_c_before_training_is_one_line_and_exit_130(script, monkeypatch, capsys):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(model, "pick_device", interrupt)  # the first thing both scripts do
-    monkeypatch.setattr(sys, "argv", [script, "--device", "cpu"])
+    monkeypatch.setattr(model, "pick_device", interrupt)  # the first thing the scripts do
+    monkeypatch.setattr(sys, "argv", [script, "--device", "cpu", *(["--query", "a dog"] * (script == "search.py"))])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     assert e.value.code == 130 and capsys.readouterr().err.strip().startswith("interrupted;")
