@@ -236,7 +236,8 @@ def index_gallery(args, model, tokenizer, ckpt):
     path = os.path.join(index_dir, f"index_{stem}_{name}.pt")
     qb_dir = querybank_source(args, ckpt)
     fingerprint = model_fingerprint(model, image_size, bank_name(qb_dir) if qb_dir is not None else "")
-    ix = GalleryIndex.open(path, fingerprint, root, model.image_proj.out_features, os.path.abspath(args.checkpoint), log)
+    ix = GalleryIndex.open(path, fingerprint, root, model.image_proj.out_features, os.path.abspath(args.checkpoint),
+                           log)
     device = next(model.parameters()).device
     make_bias_fn = None
     if qb_dir is not None:

@@ -92,6 +92,23 @@ def test_cached_trunk_training_keeps_frozen_blocks_and_tunes_the_rest(tiny_data,
                            start["image_tower.net._blocks.11._project_conv.weight"])
 
 
+def test_cached_trunk_training_loader_has_no_workers(tiny_data, tmp_path, monkeypatch):
+    # A worker forked after the first epoch shares the freed activations' pages, and training
+    # copies each one it writes again: twice the memory at batch 512 (train.py).
+    pytest.importorskip("efficientnet_lite_pytorch")
+    seen, real = [], train.DataLoader
+
+    def spy(dataset, **kw):
+        seen.append((type(dataset).__name__, kw.get("num_workers", 0)))
+        return real(dataset, **kw)
+    monkeypatch.setattr(train, "DataLoader", spy)
+    argv = train_argv(tiny_data, tmp_path, "--image_encoder", "efficientnet_lite0", "--epochs", "2",
+                      "--freeze_image_blocks", "11", "--image_cache_views", "1", "--captions_per_image", "1",
+                      "--batch_size", "8", "--num_workers", "1")
+    assert train.main(argv) == 0
+    assert seen == [("AugmentedImages", 1), ("PairDataset", 0), ("PairDataset", 0)]
+
+
 @pytest.mark.parametrize("extra", [["--image_cache_views", "2"],
                                    ["--freeze_image_blocks", "3"],
                                    ["--image_encoder", "efficientnet_lite0", "--freeze_image_blocks", "17"]])
