@@ -53,7 +53,8 @@ def get_args(argv=None):
     p.add_argument("--data_dir", default="data/flickr8k", help="output of preprocess_flickr8k.py")
     p.add_argument("--model_dir", default="models", help="where checkpoints and logs go")
     p.add_argument("--image_size", type=int, default=224, help="image side in pixels")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--num_workers", type=int, default=4,
+                   help="DataLoader worker processes (with --image_cache_views: caching and validation only)")
     p.add_argument("--eval_image_size", type=int, default=0,
                    help="photo side for validation, evaluate.py and search.py (0: --image_size); see README")
     p.add_argument("--eval_flip", action="store_true",

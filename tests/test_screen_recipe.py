@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model
 import train
@@ -16,7 +17,7 @@ screen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(screen)
 
 TINY = ["--no_pretrained", "--image_size", "64", "--batch_size", "8", "--epochs", "3", "--embedding_dim", "32",
-        "--image_cache_views", "1", "--warmup_steps", "5", "--lr", "2e-3", "--num_workers", "0"]
+        "--image_cache_views", "1", "--warmup_steps", "5", "--lr", "2e-3"]
 
 
 def test_clustered_order_makes_batches_of_whole_clusters():
@@ -32,7 +33,14 @@ def test_label_smoothing_zero_is_the_plain_loss():
     img, txt = (torch.nn.functional.normalize(torch.randn(6, 8), dim=-1) for _ in range(2))
     same = torch.eye(6, dtype=torch.bool) | (torch.arange(6)[:, None] == 5 - torch.arange(6)[None, :])
     assert torch.allclose(screen.smoothed_info_nce(img, txt, 10.0, same, eps=0.0), model.info_nce(img, txt, 10.0, same))
-    assert screen.smoothed_info_nce(img, txt, 10.0, same) > model.info_nce(img, txt, 10.0, same)
+    # Without a mask it is F.cross_entropy's label smoothing; with one, finite and over the rest.
+    labels = torch.arange(6)
+    logits = 10.0 * img @ txt.T
+    expected = (F.cross_entropy(logits, labels, label_smoothing=0.1)
+                + F.cross_entropy(logits.T, labels, label_smoothing=0.1)) / 2
+    assert torch.allclose(screen.smoothed_info_nce(img, txt, 10.0), expected)
+    masked = screen.smoothed_info_nce(img, txt, 10.0, same)
+    assert torch.isfinite(masked) and masked > model.info_nce(img, txt, 10.0, same)
 
 
 def test_screen_trains_a_variant_and_reports_both_rankings(tiny_data, tmp_path, monkeypatch):
@@ -41,14 +49,21 @@ def test_screen_trains_a_variant_and_reports_both_rankings(tiny_data, tmp_path, 
         monkeypatch.setattr(train, name, getattr(train, name))
     out = tmp_path / "screen.jsonl"
     argv = ["bs256_ls01", "--data_dir", tiny_data, "--runs_dir", str(tmp_path / "runs"), "--out", str(out),
-            "--text_encoder", os.path.join(tiny_data, "text_encoder"), "--device", "cpu", "--validate_from", "2", *TINY]
+            "--text_encoder", os.path.join(tiny_data, "text_encoder"), "--device", "cpu", "--validate_from", "2",
+            "--num_workers", "0", *TINY]
     assert screen.main(argv) == 0
     assert train.info_nce is screen.smoothed_info_nce
     (result,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert result["variant"] == "bs256_ls01" and result["flags"] == ["--batch_size", "256"]
+    assert result["variant"] == "bs256_ls01" and result["flags"][:2] == ["--batch_size", "256"]
+    assert result["flags"][2:] == TINY  # the flags given after the variant's, recorded
     assert [epoch for epoch, *_ in result["curve"]] == [2, 3]  # epoch 1 was not validated
     best = max(result["curve"], key=lambda c: c[3])
     assert result["best_epoch"] == best[0]
     # The cosine evaluation of best.pt is the validation of its epoch, recomputed.
     assert result["cosine"]["rsum"] == pytest.approx(best[3], abs=0.1)
     assert 0 < result["querybank"]["rsum"] <= 600
+
+
+def test_screen_refuses_validation_after_the_last_epoch(tiny_data, tmp_path):
+    with pytest.raises(SystemExit):
+        screen.main(["recipe", "--data_dir", tiny_data, "--runs_dir", str(tmp_path), "--validate_from", "30"])
