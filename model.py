@@ -357,11 +357,7 @@ class DualEncoder(nn.Module):
         with autocast(input_ids.device, "text", self.amp):
             hidden = self.text_tower(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden.float()  # (B, L, H)
-        if self.text_pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        else:
-            pooled = hidden[:, 0]
+        pooled = mean_pool(hidden, attention_mask) if self.text_pooling == "mean" else hidden[:, 0]
         return F.normalize(self.text_proj(pooled), dim=-1)
 
     def forward(self, images, input_ids, attention_mask):
@@ -370,6 +366,12 @@ class DualEncoder(nn.Module):
     @torch.no_grad()
     def clamp_logit_scale(self):
         self.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
+
+
+def mean_pool(hidden, attention_mask):
+    """(B, L, H) token states -> (B, H): the mean over the real tokens (sentence-transformers')."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def info_nce(img_emb, txt_emb, logit_scale, same_image=None):

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-from dataset import read_captions  # noqa: E402
-from model import eval_image_size, load_model, pick_device  # noqa: E402
+from dataset import read_captions, tokenize  # noqa: E402
+from model import build_text_tower, eval_image_size, load_model, load_tokenizer, mean_pool, pick_device  # noqa: E402
 
 B256, LR14 = ["--batch_size", "256"], ["--lr", "1.4e-4", "--image_lr", "4.2e-4", "--head_lr", "1.4e-3"]
 VARIANTS = {  # name -> flags added to configs/offline.txt (batch 512); bs256*: the previous recipe's batch
@@ -62,18 +62,14 @@ def smoothed_info_nce(img_emb, txt_emb, logit_scale, same_image=None, eps=0.1):
 def photo_clusters(data_dir, text_encoder, k, device, iters=30):
     """k-means (cosine) of the train photos, each the mean of its captions' pretrained sentence
     embeddings (mean pooling): similar photos share a cluster."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from model import resolve_text_encoder
     df = read_captions(data_dir, "train")
     index = {name: i for i, name in enumerate(sorted(df["image"].unique()))}
-    path = resolve_text_encoder(text_encoder)
-    tok, enc = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).to(device).eval()
+    tok, enc = load_tokenizer(text_encoder), build_text_tower(text_encoder).to(device).eval()
     captions, embs = df["caption"].tolist(), []
     for i in range(0, len(captions), 512):
-        b = tok(captions[i:i + 512], padding=True, truncation=True, max_length=64, return_tensors="pt").to(device)
-        mask = b["attention_mask"].unsqueeze(-1).float()
-        embs.append(F.normalize((enc(**b).last_hidden_state * mask).sum(1) / mask.sum(1), dim=-1))
+        b = tokenize(tok, captions[i:i + 512]).to(device)
+        hidden = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        embs.append(F.normalize(mean_pool(hidden, b["attention_mask"]), dim=-1))
     photo = torch.tensor([index[n] for n in df["image"]], device=device)
     sums = torch.zeros(len(index), embs[0].shape[1], device=device).index_add_(0, photo, torch.cat(embs))
     p = F.normalize(sums, dim=-1)
@@ -121,14 +117,15 @@ def main(argv=None):
              "--model_dir", model_dir, "--text_encoder", args.text_encoder, "--num_workers", str(args.num_workers),
              "--device", str(device), *(["--image_weights", args.image_weights] if args.image_weights else []),
              *VARIANTS[args.variant], *extra]
-    if args.validate_from > train.get_args(flags).epochs:
+    train_args = train.get_args(flags)
+    if args.validate_from > train_args.epochs:
         p.error(f"--validate_from {args.validate_from} is after the last epoch")
     if args.variant.endswith("_ls01"):
         train.info_nce = smoothed_info_nce
     if "_hard" in args.variant:
         k = int(args.variant.split("_hard")[1])  # clusters of ~6,000/k photos; a batch of 256 spans ~256k/6,000 of them
         train.epoch_order = clustered_order(photo_clusters(args.data_dir, args.text_encoder, k, device), k,
-                                            train.get_args(flags).batch_size)
+                                            train_args.batch_size)
     validate, epochs_seen = train.evaluate_split, []
 
     def late_validation(*a, **kw):
