@@ -306,7 +306,7 @@ def _child(conn, what, args, device, data_dir, naive):
         torch.set_num_threads(args.threads)
     try:
         if not naive:
-            M.keep_freed_memory()  # what pick_device does for train.py, evaluate.py and search.py
+            M.keep_freed_memory()  # what train.py, evaluate.py and search.py do first
         fn = measure_train if what == "train" else measure_encode
         conn.send(("ok", fn(args, torch.device(device), data_dir, naive)))
     except BaseException:

@@ -9,6 +9,7 @@ Images travel as uint8 tensors (3, H, W) all the way to the model, which normali
 device: a uint8 batch is 4x smaller to copy, and the normalisation is one fused op there.
 """
 
+import csv
 import errno
 import json
 import os
@@ -20,6 +21,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from atomic import atomic_path, atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -44,6 +47,14 @@ def read_captions(data_dir, split):
                          "(it writes train, val and test) or pick another split.")
     # A stable sort keeps the five captions of a photo in file order.
     return df.sort_values("image", kind="stable").reset_index(drop=True)
+
+
+def write_captions(data_dir, rows):
+    """Write <data_dir>/captions.csv from (image, caption, split) rows, atomically."""
+    with atomic_write(os.path.join(data_dir, "captions.csv"), newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption", "split"])
+        writer.writerows(rows)
 
 
 def open_rgb(path, size):
@@ -105,19 +116,17 @@ def build_image_cache(data_dir, split, size):
             if json.load(f) == images:
                 return npy
     os.makedirs(os.path.dirname(npy), exist_ok=True)
-    tmp = npy + ".tmp.npy"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
-    _reserve(tmp)
-    for i, name in enumerate(tqdm(images, desc=f"caching {split} images", unit="img")):
-        arr[i] = load_image(os.path.join(data_dir, "images", name), size)
-    arr.flush()
-    del arr
     # Array first, image list second: the list is the commit mark, so an interrupted run
     # never leaves a list that vouches for a half-written array.
-    os.replace(tmp, npy)
-    with open(meta + ".tmp", "w") as f:
+    with atomic_path(npy) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
+        _reserve(tmp)
+        for i, name in enumerate(tqdm(images, desc=f"caching {split} images", unit="img")):
+            arr[i] = load_image(os.path.join(data_dir, "images", name), size)
+        arr.flush()
+        del arr
+    with atomic_write(meta) as f:
         json.dump(images, f)
-    os.replace(meta + ".tmp", meta)
     return npy
 
 
@@ -131,8 +140,7 @@ def _reserve(path):
         os.posix_fallocate(fd, 0, os.path.getsize(path))
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            os.remove(path)
-            raise
+            raise  # and build_image_cache's atomic_path removes the file
         # EOPNOTSUPP and kin: a filesystem that cannot preallocate; write as before
     finally:
         os.close(fd)

@@ -3,6 +3,10 @@
     python evaluate.py                                   # models/best.pt on the test split
     python evaluate.py --checkpoint models/best.pt --split val --output_json results/val.json
     python evaluate.py --checkpoint models/best.pt --split val --no_querybank   # plain cosine
+    python evaluate.py --checkpoint models/best.pt --split val --eval_image_size 256 --no_eval_flip
+
+The inference options (--eval_image_size, --eval_flip, --querybank) default to those the
+checkpoint was trained with (train.py's flags of the same names); given here, they override them.
 
 Text->image uses every caption as a query (5,000 over 1,000 photos on Flickr8K); image->text
 counts a photo as found at the best rank of any of its captions. Recalls are in percent.
@@ -13,7 +17,9 @@ import json
 import os
 import sys
 
-from model import eval_image_size, load_model, pick_device
+from atomic import atomic_write
+from checkpoint import eval_image_size, load_model
+from model import keep_freed_memory, pick_device
 from retrieval import chance_recall, evaluate_split, format_metrics
 
 
@@ -25,40 +31,49 @@ def get_args(argv=None):
     p.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    # Default: rank as search.py does with this checkpoint (train.py --querybank).
+    # inference options; default: the checkpoint's, as search.py uses them (train.py's flags)
+    p.add_argument("--eval_image_size", type=int, default=0, help="photo side in pixels (0: the checkpoint's)")
+    flip = p.add_mutually_exclusive_group()
+    flip.add_argument("--eval_flip", action="store_true", default=None,
+                      help="embed each photo and its mirror image, averaged")
+    flip.add_argument("--no_eval_flip", dest="eval_flip", action="store_false", help="embed each photo as it is")
     qb = p.add_mutually_exclusive_group()
     qb.add_argument("--querybank", action="store_true", default=None,
                     help="rank with querybank normalisation against the train split (see README, 'Results')")
     qb.add_argument("--no_querybank", dest="querybank", action="store_false", help="rank by cosine similarity")
     p.add_argument("--output_json", default=None, help="also write the metrics to this JSON file")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0:
-        p.error("--batch_size must be at least 1 and --num_workers at least 0")
+    if args.batch_size < 1 or args.num_workers < 0 or args.eval_image_size < 0:
+        p.error("--batch_size must be at least 1, --num_workers and --eval_image_size at least 0")
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
+    keep_freed_memory()
     device = pick_device(args.device)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
     data_dir = args.data_dir or ckpt["args"].get("data_dir")
-    querybank = ckpt["args"].get("querybank", False) if args.querybank is None else args.querybank
     if not data_dir:
         raise SystemExit(f"error: {args.checkpoint} does not say which dataset it was trained on; pass --data_dir.")
-    metrics = evaluate_split(model, tokenizer, data_dir, args.split, eval_image_size(ckpt["args"]), device,
-                             args.batch_size, args.num_workers, querybank=querybank)
+    trained = ckpt["args"]
+    options = {"eval_image_size": args.eval_image_size or eval_image_size(trained),
+               "eval_flip": trained.get("eval_flip", False) if args.eval_flip is None else args.eval_flip,
+               "querybank": trained.get("querybank", False) if args.querybank is None else args.querybank}
+    metrics = evaluate_split(model, tokenizer, data_dir, args.split, options["eval_image_size"], device,
+                             args.batch_size, args.num_workers, querybank=options["querybank"],
+                             flip=options["eval_flip"])
     n_images = metrics["n_images"]
     print(f"{args.checkpoint} (epoch {ckpt.get('epoch')}) on {data_dir} [{args.split}]: "
-          f"{n_images} photos, {metrics['n_queries']} captions"
-          f"{', querybank-normalised (train split)' if querybank else ''}")
+          f"{n_images} photos, {metrics['n_queries']} captions; photos at {options['eval_image_size']} px"
+          f"{', averaged with their mirror images' if options['eval_flip'] else ''}"
+          f"{', querybank-normalised (train split)' if options['querybank'] else ''}")
     print(format_metrics(metrics))
     print(f"chance: R@1 {chance_recall(n_images, 1):.2f}, R@10 {chance_recall(n_images, 10):.2f}")
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json + ".tmp", "w") as f:  # never leave half a JSON file behind
-            json.dump({**metrics, "checkpoint": args.checkpoint, "split": args.split,
-                       "querybank": querybank}, f, indent=2)
-        os.replace(args.output_json + ".tmp", args.output_json)
+        with atomic_write(args.output_json) as f:
+            json.dump({**metrics, "checkpoint": args.checkpoint, "split": args.split, **options}, f, indent=2)
         print(f"wrote {args.output_json}")
     return 0
 

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from atomic import atomic_path
 from dataset import IMAGE_EXTENSIONS, load_image
 
 INDEX_VERSION = 2  # 2: a querybank bias per photo
@@ -26,12 +27,12 @@ CHUNK_ROWS = 16384  # 16 MB of float16 at D=512: few enough chunks, small enough
 RESCORE_EXTRA = 16  # candidates kept beyond k for the float32 rescoring: room for float16 rounding
 
 
-def model_fingerprint(model, image_size, querybank=""):
+def model_fingerprint(model, image_size, flip=False, querybank=""):
     """A hash of everything that maps a photo to its embedding (the image tower, the image
-    projection, the input size and the mirror-image averaging) and, given `querybank` (a string
-    naming the caption bank), to its bias (the text tower too). Copying a checkpoint keeps it;
-    retraining changes it."""
-    h = hashlib.sha256(f"image_size={image_size}{',flip' if model.eval_flip else ''}"
+    projection, the input size and `flip`, the mirror-image averaging) and, given `querybank` (a
+    string naming the caption bank), to its bias (the text tower too). Copying a checkpoint keeps
+    it; retraining changes it."""
+    h = hashlib.sha256(f"image_size={image_size}{',flip' if flip else ''}"
                        f"{',querybank=' + querybank if querybank else ''}".encode())
     for name, t in sorted(model.state_dict().items()):
         if querybank or name.startswith(("image_tower.", "image_proj.")):
@@ -80,8 +81,8 @@ class PhotoFiles(Dataset):
 
 
 @torch.no_grad()
-def encode_photos(model, paths, image_size, device, batch_size=32, num_workers=0):
-    """Encode photo files in order. Returns (emb (M, D) float16 of the readable ones,
+def encode_photos(model, paths, image_size, device, batch_size=32, num_workers=0, flip=False):
+    """Encode photo files in order (flip: as model.encode_images). Returns (emb (M, D) float16 of the readable ones,
     errors: one string per file done, '' where it was read), and stops early on Ctrl-C,
     so len(errors) < len(paths) means interrupted."""
     loader = DataLoader(PhotoFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers)
@@ -91,7 +92,7 @@ def encode_photos(model, paths, image_size, device, batch_size=32, num_workers=0
             for images, errs in loader:
                 ok = torch.tensor([not e for e in errs])
                 if ok.any():
-                    embs.append(model.embed_photos(images[ok].to(device)).cpu().half())
+                    embs.append(model.encode_images(images[ok].to(device), flip).cpu().half())
                 errors += errs
                 bar.update(len(errs))
     except KeyboardInterrupt:
@@ -151,15 +152,16 @@ class GalleryIndex:
         data = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "root": self.root,
                 "checkpoint": self.checkpoint, "embeddings": self.emb, "paths": "\0".join(self.paths),
                 "stats": self.stats, "failed": self.failed, "bias": self.bias}
-        tmp = f"{path}.tmp"
-        torch.save(data, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
 
-    def update(self, files, model, image_size, device, batch_size=32, num_workers=0, make_bias_fn=None):
+    def update(self, files, model, image_size, device, batch_size=32, num_workers=0, make_bias_fn=None,
+               flip=False):
         """Match the index to `files` ({relative path: (size, mtime_ns)} under root): drop photos
-        that are gone, encode new and changed ones. make_bias_fn() -> bias_fn, where bias_fn(emb
-        (M, D)) -> (M,) gives new photos their querybank bias; it is called before the encoding,
-        so that a Ctrl-C while it prepares (encodes the caption bank) loses no photo encoded.
+        that are gone, encode new and changed ones (flip: as model.encode_images). make_bias_fn()
+        -> bias_fn, where bias_fn(emb (M, D)) -> (M,) gives new photos their querybank bias; it is
+        called before the encoding, so that a Ctrl-C while it prepares (encodes the caption bank)
+        loses no photo encoded.
         Returns counts and the unreadable files:
         {"added", "updated", "removed", "failed": [(path, reason)], "interrupted", "changed"}."""
         old_stats, n_failed = self.stats.tolist(), len(self.failed)
@@ -177,7 +179,7 @@ class GalleryIndex:
         if todo:
             bias_fn = make_bias_fn() if make_bias_fn is not None else None
             emb, errors = encode_photos(model, [os.path.join(self.root, p) for p in todo], image_size,
-                                        device, batch_size, num_workers)
+                                        device, batch_size, num_workers, flip)
             interrupted = len(errors) < len(todo)
             done = [p for p, e in zip(todo, errors) if not e]
             if bias_fn is not None:  # before anything changes: rows, paths and biases stay aligned

@@ -1,5 +1,5 @@
 """The dual encoder: image and text towers, projection heads, the InfoNCE loss, device and
-precision choice, checkpoints. Example:
+precision choice (checkpoints: checkpoint.py). Example:
 
     python -c "import model; m = model.DualEncoder(pretrained=False); print(m)"
 
@@ -11,7 +11,6 @@ Both are projected into one `embedding_dim` space and L2-normalised there.
 import ctypes
 import json
 import math
-import os
 from contextlib import nullcontext
 
 import torch
@@ -49,8 +48,7 @@ def keep_freed_memory():
 def pick_device(name="auto", local_rank=None):
     """The one place that picks the device: cuda, then mps, then cpu for 'auto'. Under torchrun
     (`local_rank` given) 'cuda' means this process's own GPU, cuda:<local_rank>. Every script calls
-    it first, so it also sets the process up: keep_freed_memory()."""
-    keep_freed_memory()
+    it first; keep_freed_memory(), the allocator setting, is each script's own call beside it."""
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"
@@ -257,32 +255,12 @@ def load_tokenizer(name):
         raise SystemExit(_weights_help(f"tokenizer '{name}'", e))
 
 
-def save_tiny_text_encoder(folder, captions, dim=64, layers=2):
-    """Write a random-init DistilBERT of width `dim` and a word-level tokenizer built from
-    `captions` into `folder`, so the demo and the tests need no download."""
-    import re
-
-    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertModel
-    os.makedirs(folder, exist_ok=True)
-    words = sorted({w for c in captions for w in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", c.lower())})
-    with open(os.path.join(folder, "vocab.txt"), "w") as f:
-        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    tokenizer = BertTokenizerFast(os.path.join(folder, "vocab.txt"), do_lower_case=True)
-    tokenizer.save_pretrained(folder)
-    config = DistilBertConfig(vocab_size=len(tokenizer), dim=dim, n_layers=layers, n_heads=2,
-                              hidden_dim=4 * dim, max_position_embeddings=128, pad_token_id=0)
-    torch.manual_seed(0)
-    DistilBertModel(config).save_pretrained(folder)
-    return folder
-
-
 # ---------------------------------------------------------------------------- the dual encoder
 
 class DualEncoder(nn.Module):
     def __init__(self, image_encoder="mobilenet_v3_small", text_encoder="distilbert-base-uncased",
                  embedding_dim=512, text_pooling="cls", temperature=0.07, fixed_temperature=False,
-                 pretrained=True, image_weights=None, text_config=None, amp=True, text_tower=None,
-                 eval_flip=False):
+                 pretrained=True, image_weights=None, text_config=None, amp=True, text_tower=None):
         super().__init__()
         self.image_tower, img_dim, mean, std = build_image_tower(image_encoder, pretrained, image_weights)
         # text_tower: a prebuilt one (search.py's plain_text.PlainTextTower), else transformers'.
@@ -297,7 +275,6 @@ class DualEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
         self.amp = amp
-        self.eval_flip = eval_flip  # embed_photos averages each photo with its mirror image
         # channels_last runs the depthwise convolutions ~1.5x faster on CPU and uses tensor
         # cores on CUDA; MPS gains nothing from it.
         self.image_tower.to(memory_format=torch.channels_last)
@@ -306,23 +283,23 @@ class DualEncoder(nn.Module):
         """The text tower's configuration as plain JSON types (stored in checkpoints)."""
         return json.loads(self.text_tower.config.to_json_string())
 
-    def encode_images(self, images):
-        """(B, 3, H, W) uint8 -> (B, D) L2-normalised float32."""
+    def encode_images(self, images, flip=False):
+        """(B, 3, H, W) uint8 -> (B, D) L2-normalised float32. flip: average with the mirror
+        image's embedding (train.py --eval_flip, for evaluation and search). Training sees photos
+        flipped at random, so both are equally good guesses; their mean has less noise (2x the
+        encoding time)."""
+        emb = self._encode_images(images)
+        if flip:
+            emb = F.normalize(emb + self._encode_images(images.flip(-1)), dim=-1)
+        return emb
+
+    def _encode_images(self, images):
         x = (images.float() - self.mean) / self.std
         if x.device.type != "mps":
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(x.device, "image", self.amp):
             feats = self.image_tower(x)
         return F.normalize(self.image_proj(feats.float()), dim=-1)
-
-    def embed_photos(self, images):
-        """The embedding that evaluation and search use: encode_images, averaged with the mirror
-        image's when eval_flip (train.py --eval_flip). Training sees photos flipped at random, so
-        both are equally good guesses; their mean has less noise (2x the encoding time)."""
-        emb = self.encode_images(images)
-        if self.eval_flip:
-            emb = F.normalize(emb + self.encode_images(images.flip(-1)), dim=-1)
-        return emb
 
     def text_trunk_modules(self, n):
         """The word embeddings and first n layers of the text tower (BERT or DistilBERT
@@ -420,127 +397,3 @@ def gather_batch(img_emb, txt_emb, image_ids):
     if not (dist.is_available() and dist.is_initialized()):
         return img_emb, txt_emb, image_ids
     return _AllGather.apply(img_emb), _AllGather.apply(txt_emb), _AllGather.apply(image_ids)
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-MODEL_ARGS = ("image_encoder", "text_encoder", "embedding_dim", "text_pooling", "temperature",
-              "fixed_temperature", "image_size")
-
-
-def model_from_args(args, pretrained=None, text_tower=None):
-    """Build a DualEncoder from a dict of train.py's arguments."""
-    if pretrained is None:
-        pretrained = not args.get("no_pretrained", False)
-    return DualEncoder(image_encoder=args["image_encoder"], text_encoder=args["text_encoder"],
-                       embedding_dim=args["embedding_dim"], text_pooling=args["text_pooling"],
-                       temperature=args["temperature"], fixed_temperature=args["fixed_temperature"],
-                       pretrained=pretrained, image_weights=args.get("image_weights"),
-                       text_config=args.get("text_config"), amp=args.get("amp", True), text_tower=text_tower,
-                       eval_flip=args.get("eval_flip", False))
-
-
-def eval_image_size(args):
-    """The photo side of evaluation and search for train.py's arguments (a dict): --eval_image_size,
-    else the training side (also for checkpoints saved before the flag existed)."""
-    return args.get("eval_image_size") or args["image_size"]
-
-
-def save_checkpoint(path, model, args, epoch, metrics, optimizer=None, **extra):
-    """Write a plain dict that torch.load(weights_only=True) reads, atomically: a crash
-    mid-write leaves the previous file intact, never half a checkpoint."""
-    ckpt = {
-        "model": model.state_dict(),
-        "args": {**args, "text_config": model.text_config()},
-        "epoch": epoch,
-        "metrics": metrics,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        **extra,
-    }
-    tmp = f"{path}.tmp"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        kept = f"the previous {path} is intact" if os.path.exists(path) else f"no {path} was written"
-        raise SystemExit(f"error: could not write {path} ({_first_line(e)}); {kept}. Free disk space "
-                         "(or fix the folder's permissions) and run again.")
-
-
-def read_checkpoint(path):
-    """Load a checkpoint dict safely (weights_only: a malicious file cannot run code)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} not found; train first (python train.py) "
-                         "or pass --checkpoint.")
-    try:
-        # mmap: only the tensors used are read from disk (search.py skips a training checkpoint's
-        # optimizer state).
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        if "Unsupported global" in str(e):  # weights_only met a pickle that calls arbitrary functions
-            raise SystemExit(f"error: refusing {path}: it holds Python objects that could run code when "
-                             "loaded, not just tensors and plain data. Use a checkpoint written by train.py.")
-        # torch's long advice on weights_only for other pickles does not apply: it is just not ours
-        why = "not a PyTorch checkpoint" if "Weights only load failed" in str(e) else _first_line(e)
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({why}); it may be truncated or "
-                         "damaged. Use another one (best.pt, checkpoint_epoch_N.pt).")
-    if not isinstance(ckpt, dict) or not {"model", "args"} <= set(ckpt):
-        raise SystemExit(f"error: {path} is not a checkpoint of this project (no model/args); "
-                         "use one written by train.py.")
-    args = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
-    missing = [k for k in MODEL_ARGS if k not in args]
-    if missing:
-        raise SystemExit(f"error: {path} comes from an older or different version of this project: its args "
-                         f"lack {missing}. Retrain, or use a checkpoint written by this train.py.")
-    return ckpt
-
-
-def load_weights(model, state, path):
-    """model.load_state_dict, explained in one line when the file does not fit the model."""
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise SystemExit(f"error: {path} does not fit the model its args describe ({_mismatch(e)}); it comes "
-                         "from another version or configuration. Use a checkpoint written by this train.py.")
-
-
-def load_model(path, device, plain_text=False):
-    """Rebuild the model of a checkpoint from its own args: no flag has to be repeated, and no
-    pretrained weights are fetched. Returns (model in eval mode, tokenizer, ckpt).
-    plain_text: run the text tower and tokenizer without transformers where plain_text.py can
-    (search.py's cold start); the embeddings are the same."""
-    ckpt = read_checkpoint(path)
-    args = ckpt["args"]
-    # train.py saves the tokenizer beside its checkpoints, so search works offline.
-    tok_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
-    if plain_text:
-        import plain_text as pt
-        if pt.usable(tok_dir, args.get("text_config") or {}):
-            try:
-                tokenizer = pt.PlainTokenizer(tok_dir)
-            except Exception as e:  # tokenizers raises plain Exceptions for a damaged file
-                raise SystemExit(f"error: the tokenizer saved beside {path} ({tok_dir}) cannot be read "
-                                 f"({_first_line(e)}); copy it again from the training run's model_dir.")
-            prefix = "text_tower."
-            text_state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-            tower = pt.PlainTextTower(args["text_config"], text_state)
-            model = model_from_args(args, pretrained=False, text_tower=tower)
-            # The same weights under the plain tower's buffer names: a strict load still checks all.
-            state = {k: v for k, v in ckpt["model"].items() if not k.startswith(prefix)}
-            state.update({prefix + k.replace(".", "__"): v for k, v in text_state.items()})
-            load_weights(model, state, path)
-            return model.to(device).eval(), tokenizer, ckpt
-    # The checkpoint overwrites every weight, so skip the random initialisation: it is ~90% of
-    # building MobileNetV3-small + DistilBERT (0.4 of 0.45 CPU-seconds here, 1.6 of 1.8 s of wall
-    # time on a busy 2-core CPU), and every cold `search.py --query` and evaluate.py pays it.
-    try:
-        from transformers.modeling_utils import no_init_weights
-    except ImportError:  # moved in some release: then initialise as usual
-        no_init_weights = nullcontext
-    with no_init_weights():
-        model = model_from_args(args, pretrained=False)
-    load_weights(model, ckpt["model"], path)
-    tokenizer = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else args["text_encoder"])
-    return model.to(device).eval(), tokenizer, ckpt

@@ -33,6 +33,8 @@ import requests
 from PIL import Image
 from tqdm import tqdm
 
+from atomic import atomic_path, atomic_write
+
 # Where --download fetches the archives from, and their sizes (bytes) and SHA-256 digests there.
 # None: not yet verified against the server (a wrong figure would reject a good 1 GB download);
 # the zip integrity check still catches truncated or corrupt files. Fill them in once measured.
@@ -70,9 +72,8 @@ def _read_json(path):
 
 
 def _write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f)
-    os.replace(path + ".tmp", path)
 
 
 def _discard(path):
@@ -149,7 +150,7 @@ def download(url, dest):
             wait = BACKOFF_S * 2 ** attempt
             print(f"{name}: {e}; retrying in {wait:g} s", file=sys.stderr)
             time.sleep(wait)
-    os.replace(part, dest)
+    os.replace(part, dest)  # not atomic_path: a failed download keeps its .part to resume it
     _discard(meta)
 
 
@@ -387,12 +388,11 @@ def verify_image(path):
 
 def link_or_copy(src, dst):
     """Hard-link src to dst (no extra disk space), or copy it across filesystems."""
-    tmp = dst + ".tmp"
-    try:
-        os.link(src, tmp)
-    except OSError:  # another filesystem, or a tmp left by a crash: copyfile overwrites it
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another filesystem, or a tmp left by a crash: copyfile overwrites it
+            shutil.copyfile(src, tmp)
 
 
 def collect(captions, splits, photo_dir, data_dir, skipped, num_workers):
@@ -429,15 +429,6 @@ def collect(captions, splits, photo_dir, data_dir, skipped, num_workers):
         else:
             link_or_copy(os.path.join(photo_dir, image), os.path.join(out_dir, image))
     return [(im, c, splits[im]) for im in keep if im not in bad for c in captions[im]]
-
-
-def write_captions(rows, path):
-    """Write captions.csv through a temporary file, so a crash never leaves half of it."""
-    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "caption", "split"])
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
 
 
 def print_summary(rows, skipped):
@@ -488,9 +479,7 @@ def main(argv=None):
 def prepare(args):
     skipped = defaultdict(list)  # reason -> [(example, captions lost)]
     if args.demo:
-        # lazy imports: only --demo needs these, and model.py pulls in torch and transformers
-        from model import save_tiny_text_encoder
-        from synthetic import make_demo_dataset
+        from synthetic import make_demo_dataset, save_tiny_text_encoder  # lazy: torch, only --demo needs it
 
         rows = make_demo_dataset(args.data_dir, seed=args.seed)
         # the tokenizer vocabulary is learned from train captions only
@@ -504,7 +493,8 @@ def prepare(args):
             splits = split_by_image(names, args.split_ratio, args.seed)
         rows = collect(captions, splits, photo_dir, args.data_dir, skipped, args.num_workers)
         if rows:
-            write_captions(rows, os.path.join(args.data_dir, "captions.csv"))
+            from dataset import write_captions  # lazy: dataset.py pulls in torch
+            write_captions(args.data_dir, rows)
     print_summary(rows, skipped)
     if not rows:
         raise SystemExit("error: nothing usable left: no photo has a readable file, a split and a caption")

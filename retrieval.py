@@ -17,16 +17,17 @@ KS = (1, 5, 10)
 
 
 @torch.no_grad()
-def encode_image_dataset(model, dataset, device, batch_size=64, num_workers=0, desc="encoding images"):
-    """(N, D) float32 CPU embeddings (model.embed_photos) of a dataset whose items are uint8
-    (3, H, W) images."""
+def encode_image_dataset(model, dataset, device, batch_size=64, num_workers=0, desc="encoding images",
+                         flip=False):
+    """(N, D) float32 CPU embeddings (model.encode_images) of a dataset whose items are uint8
+    (3, H, W) images. flip: average each with its mirror image's (train.py --eval_flip)."""
     if _reads_cache(dataset):
         # A cached photo is a memory copy away: worker processes would only add start-up and
         # inter-process copies (2-core CPU, 1,024 photos: 740 images/s without, 520 with 2 workers).
         num_workers = 0
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
-    out = [model.embed_photos(images.to(device, non_blocking=True)).cpu()
+    out = [model.encode_images(images.to(device, non_blocking=True), flip).cpu()
            for images in tqdm(loader, desc=desc, unit="batch", leave=False)]
     return torch.cat(out) if out else torch.empty(0, model.image_proj.out_features)
 
@@ -103,19 +104,20 @@ def caption_bank(model, tokenizer, data_dir, device):
 
 
 def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_size=64, num_workers=0,
-                   querybank=False):
+                   querybank=False, flip=False):
     """Encode one split's photos and captions and return its recall_metrics. querybank: rank with
-    querybank normalisation, the banks being the train split's captions and photos."""
+    querybank normalisation, the banks being the train split's captions and photos. flip: embed
+    each photo averaged with its mirror image (train.py --eval_flip)."""
     data = EvalSplit(data_dir, split, image_size)
     was_training = model.training
     model.eval()
-    img_emb = encode_image_dataset(model, data.image_dataset, device, batch_size, num_workers)
+    img_emb = encode_image_dataset(model, data.image_dataset, device, batch_size, num_workers, flip=flip)
     txt_emb = encode_texts(model, tokenizer, data.captions, device)
     img_bias = txt_bias = None
     if querybank:
         bank_txt = caption_bank(model, tokenizer, data_dir, device)
         bank_img = encode_image_dataset(model, EvalSplit(data_dir, "train", image_size).image_dataset, device,
-                                        batch_size, num_workers, desc="encoding the photo bank")
+                                        batch_size, num_workers, desc="encoding the photo bank", flip=flip)
         scale = model.logit_scale.exp().item()
         img_bias, txt_bias = querybank_bias(img_emb, bank_txt, scale), querybank_bias(txt_emb, bank_img, scale)
     model.train(was_training)

@@ -23,9 +23,11 @@ import warnings
 
 import torch
 
+from atomic import atomic_path
+from checkpoint import eval_image_size, load_model
 from dataset import IMAGE_EXTENSIONS, load_image, open_rgb
 from index import GalleryIndex, model_fingerprint, scan_folder
-from model import eval_image_size, load_model, pick_device
+from model import keep_freed_memory, pick_device
 from retrieval import caption_bank, encode_texts, querybank_bias
 
 MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file beside the index
@@ -207,8 +209,8 @@ def stored_caption_bank(model, tokenizer, data_dir, device, path, fingerprint):
     bank = caption_bank(model, tokenizer, data_dir, device).half()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"key": fingerprint, "bank": bank}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_path(path) as tmp:
+            torch.save({"key": fingerprint, "bank": bank}, tmp)
     except OSError:
         pass  # a read-only folder: encode again next time
     return bank.float()  # the same float16-rounded bank whether just encoded or read back
@@ -217,7 +219,7 @@ def stored_caption_bank(model, tokenizer, data_dir, device, path, fingerprint):
 def index_gallery(args, model, tokenizer, ckpt):
     """Bring the gallery's index up to date and save it. Returns (index, folder the paths are
     relative to as the user named it, whether Ctrl-C cut the indexing short)."""
-    image_size = eval_image_size(ckpt["args"])
+    image_size, flip = eval_image_size(ckpt["args"]), ckpt["args"].get("eval_flip", False)
     if args.images_dir:
         shown_root = args.images_dir
         root = os.path.realpath(args.images_dir)
@@ -235,7 +237,7 @@ def index_gallery(args, model, tokenizer, ckpt):
     stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
     path = os.path.join(index_dir, f"index_{stem}_{name}.pt")
     qb_dir = querybank_source(args, ckpt)
-    fingerprint = model_fingerprint(model, image_size, bank_name(qb_dir) if qb_dir is not None else "")
+    fingerprint = model_fingerprint(model, image_size, flip, bank_name(qb_dir) if qb_dir is not None else "")
     ix = GalleryIndex.open(path, fingerprint, root, model.image_proj.out_features, os.path.abspath(args.checkpoint),
                            log)
     device = next(model.parameters()).device
@@ -245,7 +247,7 @@ def index_gallery(args, model, tokenizer, ckpt):
             bank = stored_caption_bank(model, tokenizer, qb_dir, device,
                                        os.path.join(index_dir, f"querybank_{stem}.pt"), fingerprint)
             return lambda emb: querybank_bias(emb, bank, model.logit_scale.exp().item())
-    report = ix.update(files, model, image_size, device, args.batch_size, args.num_workers, make_bias_fn)
+    report = ix.update(files, model, image_size, device, args.batch_size, args.num_workers, make_bias_fn, flip)
     if report["changed"] or not os.path.exists(path):
         try:
             os.makedirs(index_dir, exist_ok=True)
@@ -273,6 +275,7 @@ def print_results(labels, results, n, as_image, as_json):
 def main(argv=None):
     args = get_args(argv)
     labels = read_queries(args.queries) if args.queries else [args.query or args.image]
+    keep_freed_memory()
     device = pick_device(args.device)
     # plain_text: no transformers import for the text tower (2 of a cold call's 5.5 s on 2 cores).
     model, tokenizer, ckpt = load_model(args.checkpoint, device, plain_text=True)
@@ -292,7 +295,8 @@ def main(argv=None):
 
     with torch.no_grad():
         if args.image:
-            q_emb = model.embed_photos(query_img[None].to(device)).cpu()  # (1, D)
+            flip = ckpt["args"].get("eval_flip", False)  # as the gallery was indexed
+            q_emb = model.encode_images(query_img[None].to(device), flip).cpu()  # (1, D)
         else:
             q_emb = encode_texts(model, tokenizer, labels, device, desc="encoding queries")  # (Q, D)
     # The querybank bias corrects text queries only: it measures how close a photo is to captions.

@@ -1,6 +1,6 @@
 """Synthetic demo data: coloured shapes with compositional captions, so the whole pipeline runs on CPU.
 
-Example (the preprocessing script calls make_demo_dataset):
+Example (the preprocessing script calls make_demo_dataset and save_tiny_text_encoder):
     python preprocess_flickr8k.py --demo --data_dir data/demo
 
 Each image holds one or two shapes (circle, square, triangle, star, cross) in one of eight colours
@@ -9,13 +9,16 @@ its image apart (shape, colour, size, background, which shape is above), so retr
 far above chance. Relations are only above/below: training flips images left-right.
 """
 
-import csv
 import math
 import os
 import random
+import re
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+
+from dataset import write_captions
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -135,10 +138,22 @@ def make_demo_dataset(out_dir, n_images=400, seed=0, size=128):
         img.save(os.path.join(out_dir, "images", name), "JPEG", quality=JPEG_QUALITY)
         bg_phrase = BACKGROUNDS[kind].format(bg_colour)
         rows += [(name, caption, split_of[i]) for caption in _captions(objs, bg_phrase, rng)]
-    path = os.path.join(out_dir, "captions.csv")
-    with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "caption", "split"])
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)  # never leave a half-written captions.csv
+    write_captions(out_dir, rows)
     return rows
+
+
+def save_tiny_text_encoder(folder, captions, dim=64, layers=2):
+    """Write a random-init DistilBERT of width `dim` and a word-level tokenizer built from
+    `captions` into `folder`, so the demo and the tests need no download."""
+    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertModel  # lazy: a slow import
+    os.makedirs(folder, exist_ok=True)
+    words = sorted({w for c in captions for w in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", c.lower())})
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    tokenizer = BertTokenizerFast(os.path.join(folder, "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    config = DistilBertConfig(vocab_size=len(tokenizer), dim=dim, n_layers=layers, n_heads=2,
+                              hidden_dim=4 * dim, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    DistilBertModel(config).save_pretrained(folder)
+    return folder

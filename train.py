@@ -25,18 +25,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from atomic import atomic_write
+from checkpoint import eval_image_size, load_weights, model_from_args, read_checkpoint, save_checkpoint
 from dataset import AugmentedImages, Collate, PairDataset, read_captions
-from model import (
-    eval_image_size,
-    gather_batch,
-    info_nce,
-    load_tokenizer,
-    load_weights,
-    model_from_args,
-    pick_device,
-    read_checkpoint,
-    save_checkpoint,
-)
+from model import gather_batch, info_nce, keep_freed_memory, load_tokenizer, pick_device
 from retrieval import evaluate_split, format_metrics
 
 
@@ -249,6 +241,7 @@ def main(argv=None):
 def _main(args):
     # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` sets none of them.
     ddp = "RANK" in os.environ
+    keep_freed_memory()
     device = pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
     if not ddp:
         return run(args, device)
@@ -374,7 +367,7 @@ def run(args, device):
                 dist.barrier()  # wait while rank 0 validates and saves
                 continue
             metrics = evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(model_args),
-                                     device, num_workers=min(args.num_workers, 2))
+                                     device, num_workers=min(args.num_workers, 2), flip=model_args["eval_flip"])
             state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": loss,
                                      "pairs_per_s": pairs_per_s,
                                      "logit_scale": model.logit_scale.exp().item(), "val": metrics})
@@ -387,10 +380,8 @@ def run(args, device):
                 save(os.path.join(args.model_dir, "best.pt"), resumable=False)
             if (epoch + 1) % args.save_every == 0:
                 save(os.path.join(args.model_dir, f"checkpoint_epoch_{epoch + 1}.pt"))
-            metrics_path = os.path.join(args.model_dir, "metrics.jsonl")
-            with open(metrics_path + ".tmp", "w") as f:  # atomic, like the checkpoints
+            with atomic_write(os.path.join(args.model_dir, "metrics.jsonl")) as f:
                 f.writelines(json.dumps(h) + "\n" for h in state["history"])
-            os.replace(metrics_path + ".tmp", metrics_path)
             plot_curves(state["history"], os.path.join(args.model_dir, "training_curves.png"))
             print(f"epoch {epoch + 1} | loss {loss:.3f} | val R@1 t2i {metrics['t2i']['R@1']:.1f} "
                   f"i2t {metrics['i2t']['R@1']:.1f} | rsum {metrics['rsum']:.1f}"

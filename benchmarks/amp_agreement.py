@@ -13,8 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from checkpoint import eval_image_size, load_model  # noqa: E402
 from dataset import EvalSplit  # noqa: E402
-from model import eval_image_size, load_model, pick_device  # noqa: E402
+from model import keep_freed_memory, pick_device  # noqa: E402
 from retrieval import encode_image_dataset, encode_texts, format_metrics, recall_metrics  # noqa: E402
 
 
@@ -25,13 +26,14 @@ def main(argv=None):
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split to compare on")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     args = p.parse_args(argv)
+    keep_freed_memory()
     device = pick_device(args.device)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
     data = EvalSplit(args.data_dir or ckpt["args"]["data_dir"], args.split, eval_image_size(ckpt["args"]))
     emb = {}
     for name, amp in (("fp32", False), ("autocast", True)):
         model.amp = amp
-        emb[name] = (encode_image_dataset(model, data.image_dataset, device),
+        emb[name] = (encode_image_dataset(model, data.image_dataset, device, flip=ckpt["args"].get("eval_flip", False)),
                      encode_texts(model, tokenizer, data.captions, device))
     for name, (img, txt) in emb.items():
         print(f"{name}:\n{format_metrics(recall_metrics(img, txt, data.caption_image))}")

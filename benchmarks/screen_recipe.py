@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
+from checkpoint import eval_image_size, load_model  # noqa: E402
 from dataset import read_captions, tokenize  # noqa: E402
-from model import build_text_tower, eval_image_size, load_model, load_tokenizer, mean_pool, pick_device  # noqa: E402
+from model import build_text_tower, keep_freed_memory, load_tokenizer, mean_pool, pick_device  # noqa: E402
 
 B256, LR14 = ["--batch_size", "256"], ["--lr", "1.4e-4", "--image_lr", "4.2e-4", "--head_lr", "1.4e-3"]
 VARIANTS = {  # name -> flags added to configs/offline.txt (batch 512); bs256*: the previous recipe's batch
@@ -110,6 +111,7 @@ def main(argv=None):
     args, extra = p.parse_known_args(argv)  # other flags go to train.py, after the variant's
     if "--model_dir" in extra:
         p.error("--model_dir: use --runs_dir (each variant trains into runs_dir/<variant>)")
+    keep_freed_memory()
     device = pick_device(args.device)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model_dir = os.path.join(args.runs_dir, args.variant)
@@ -149,7 +151,7 @@ def main(argv=None):
     model, tokenizer, ckpt = load_model(os.path.join(model_dir, "best.pt"), device)
     for name, qb in (("cosine", False), ("querybank", True)):
         m = validate(model, tokenizer, args.data_dir, "val", eval_image_size(ckpt["args"]), device,
-                     num_workers=args.num_workers, querybank=qb)
+                     num_workers=args.num_workers, querybank=qb, flip=ckpt["args"].get("eval_flip", False))
         result[name] = {d: {k: round(v, 1) for k, v in m[d].items()} for d in ("t2i", "i2t")}
         result[name]["rsum"] = round(m["rsum"], 1)
     with open(args.out, "a") as f:  # one short line: appends from parallel variants do not interleave

@@ -18,6 +18,7 @@ import pytest
 import torch
 from tiny import train_argv
 
+import checkpoint
 import dataset
 import evaluate
 import model
@@ -40,14 +41,14 @@ def weights(path):
 
 @pytest.fixture(scope="module")
 def ckpt_path(tiny_data, tmp_path_factory):
-    """A small checkpoint written by model.save_checkpoint, as train.py writes them."""
+    """A small checkpoint written by checkpoint.save_checkpoint, as train.py writes them."""
     torch.manual_seed(0)
     m = model.DualEncoder(text_encoder=f"{tiny_data}/text_encoder", embedding_dim=16, pretrained=False)
     args = {"image_encoder": "mobilenet_v3_small", "text_encoder": f"{tiny_data}/text_encoder",
             "embedding_dim": 16, "text_pooling": "cls", "temperature": 0.07, "fixed_temperature": False,
             "image_size": 32, "no_pretrained": True, "data_dir": tiny_data}
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    model.save_checkpoint(str(path), m, args, epoch=1, metrics=None)
+    checkpoint.save_checkpoint(str(path), m, args, epoch=1, metrics=None)
     return path
 
 
@@ -114,7 +115,7 @@ def test_sigint_then_sigkill_during_training_then_resume(tiny_data, tmp_path):
     returncode, err = signal_mid_epoch(argv, tmp_path / "err1", signal.SIGINT)
     assert returncode == 130 and "Traceback" not in err, err
     assert "interrupted: saved" in err and "continue with --resume" in err
-    first = model.read_checkpoint(str(last))
+    first = checkpoint.read_checkpoint(str(last))
     assert first["epoch"] == 0 and first["epoch_step"] >= 1  # the position within the epoch
 
     # SIGKILL cannot be caught: whatever it hits, last.pt stays the last complete checkpoint.
@@ -124,10 +125,10 @@ def test_sigint_then_sigkill_during_training_then_resume(tiny_data, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert model.read_checkpoint(str(last))["step"] >= first["step"]
+    assert checkpoint.read_checkpoint(str(last))["step"] >= first["step"]
 
     assert train.main([*argv, "--num_workers", "0", "--resume"]) == 0
-    ck = model.read_checkpoint(str(last))
+    ck = checkpoint.read_checkpoint(str(last))
     assert (ck["epoch"], ck["step"]) == (1, 15)  # no batch trained twice or skipped
 
 
@@ -139,7 +140,7 @@ def test_sigterm_to_the_process_group_saves_like_ctrl_c(tiny_data, tmp_path):
     returncode, err = signal_mid_epoch(argv, tmp_path / "err", signal.SIGTERM)
     assert returncode == 143 and "Traceback" not in err, err
     assert "terminated: saved" in err and "continue with --resume" in err
-    ck = model.read_checkpoint(str(run / "last.pt"))
+    ck = checkpoint.read_checkpoint(str(run / "last.pt"))
     assert ck["epoch"] == 0 and 1 <= ck["epoch_step"] < 15
 
 
@@ -205,7 +206,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
     torch.save({"model": {}, "args": Payload(str(marker))}, evil)
     with pytest.raises(SystemExit, match="^error: refusing .*evil.pt: it holds Python objects that could run code"):
-        model.read_checkpoint(str(evil))
+        checkpoint.read_checkpoint(str(evil))
     with pytest.raises(SystemExit, match="cannot read image weights"):
         model.build_image_tower("mobilenet_v3_small", pretrained=False, weights_path=str(evil))
     assert not marker.exists()
@@ -246,14 +247,14 @@ def test_a_failed_checkpoint_write_keeps_the_previous_file(ckpt_path, tmp_path, 
     path = tmp_path / "last.pt"
     shutil.copy(ckpt_path, path)
     before = path.read_bytes()
-    m, _, ck = model.load_model(str(path), torch.device("cpu"))
+    m, _, ck = checkpoint.load_model(str(path), torch.device("cpu"))
 
     def full_disk(obj, f):
         Path(f).write_bytes(before[:100])  # half written when the disk fills up
         raise failure
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match=r"could not write .*last.pt .*the previous .*last.pt is intact\. Free disk"):
-        model.save_checkpoint(str(path), m, ck["args"], 2, None)
+        checkpoint.save_checkpoint(str(path), m, ck["args"], 2, None)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
 
 
@@ -326,7 +327,7 @@ def test_evaluate_batch_larger_than_gallery_writes_json_atomically(ckpt_path, tm
 
 
 def test_empty_long_and_non_ascii_queries_encode_to_unit_vectors(ckpt_path):
-    m, tokenizer, _ = model.load_model(str(ckpt_path), torch.device("cpu"))
+    m, tokenizer, _ = checkpoint.load_model(str(ckpt_path), torch.device("cpu"))
     emb = encode_texts(m, tokenizer, ["", "a dog " * 5000, "日本語のキャプション café 🐕‍🦺", "\t\n"],
                        torch.device("cpu"))
     assert emb.shape == (4, 16) and torch.isfinite(emb).all()
@@ -355,7 +356,7 @@ def test_interrupted_image_cache_is_never_used_and_rebuilds(tiny_data, tmp_path,
         m.setattr(dataset, "load_image", interrupt)
         with pytest.raises(KeyboardInterrupt):
             build_image_cache(str(data), "val", 16)
-    assert [n for n in os.listdir(data / "cache") if not n.endswith(".tmp.npy")] == []
+    assert os.listdir(data / "cache") == []  # no array, no image list, no temporary file
     assert dataset.ImageStore(str(data), ["red_circle_7.jpg"], 16, "val").cache is None
     npy = build_image_cache(str(data), "val", 16)
     assert np.load(npy).shape == (8, 16, 16, 3)

@@ -77,7 +77,7 @@ def test_embeddings_are_unit_length(tiny_model, tiny_data):
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
 
 
-def test_eval_flip_averages_a_photo_with_its_mirror_image(tiny_data):
+def test_flip_averages_a_photo_with_its_mirror_image(tiny_data):
     torch.manual_seed(0)
     m = DualEncoder(text_encoder=f"{tiny_data}/text_encoder", embedding_dim=16, pretrained=False)
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
@@ -91,18 +91,11 @@ def test_eval_flip_averages_a_photo_with_its_mirror_image(tiny_data):
         m.eval()
         symmetric = torch.cat([images[..., :32], images[..., :32].flip(-1)], -1)
         plain, mirrored = m.encode_images(images), m.encode_images(images.flip(-1))
-        assert torch.equal(m.embed_photos(images), plain)  # eval_flip off: encode_images
-        m.eval_flip = True
-        both = m.embed_photos(images)
+        assert torch.equal(m.encode_images(images, flip=False), plain)
+        both = m.encode_images(images, flip=True)
         assert torch.allclose(both, torch.nn.functional.normalize(plain + mirrored, dim=-1), atol=1e-6)
         assert (both * plain).sum(-1).max() < 0.999  # differs from the photo's own embedding
-        assert torch.allclose(m.embed_photos(symmetric), m.encode_images(symmetric), atol=1e-5)
-
-
-def test_eval_image_size_defaults_to_the_training_size():
-    assert model.eval_image_size({"image_size": 224}) == 224  # checkpoints from before the flag
-    assert model.eval_image_size({"image_size": 224, "eval_image_size": 0}) == 224
-    assert model.eval_image_size({"image_size": 224, "eval_image_size": 256}) == 256
+        assert torch.allclose(m.encode_images(symmetric, flip=True), m.encode_images(symmetric), atol=1e-5)
 
 
 def test_logit_scale_is_clamped_and_can_be_fixed(tiny_data):
@@ -135,21 +128,6 @@ def test_pick_device_cpu_and_autocast_policy():
     assert not isinstance(model.autocast(cpu, "text", enabled=False), torch.autocast)
 
 
-def test_checkpoint_round_trip_weights_only(tmp_path, tiny_model, tiny_data):
-    args = {"image_encoder": "mobilenet_v3_small", "text_encoder": f"{tiny_data}/text_encoder",
-            "embedding_dim": 16, "text_pooling": "cls", "temperature": 0.07, "fixed_temperature": False,
-            "image_size": 64, "no_pretrained": True, "data_dir": tiny_data}
-    path = tmp_path / "ck.pt"
-    model.save_checkpoint(str(path), tiny_model, args, epoch=3, metrics={"rsum": 1.0})
-    ckpt = torch.load(path, weights_only=True)
-    assert ckpt["epoch"] == 3 and ckpt["metrics"] == {"rsum": 1.0}
-    assert not (tmp_path / "ck.pt.tmp").exists()
-    loaded, tok, _ = model.load_model(str(path), torch.device("cpu"))
-    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    with torch.no_grad():
-        assert torch.allclose(loaded.encode_images(images), tiny_model.encode_images(images), atol=1e-6)
-
-
 def test_missing_pretrained_weights_give_a_clear_error(monkeypatch, capsys):
     from torchvision.models import MobileNet_V3_Small_Weights
 
@@ -169,12 +147,3 @@ def test_missing_text_encoder_gives_a_clear_error(name):
     assert "text encoder" in str(e.value) and "--no_pretrained" in str(e.value)
     with pytest.raises(SystemExit, match="tokenizer"):
         model.load_tokenizer(name)
-
-
-def test_not_a_checkpoint_is_refused(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(SystemExit, match="not a readable checkpoint"):
-        model.read_checkpoint(str(bad))
-    with pytest.raises(SystemExit, match="not found"):
-        model.read_checkpoint(str(tmp_path / "missing.pt"))

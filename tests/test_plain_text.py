@@ -6,9 +6,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
+import checkpoint
 import dataset
 import model
 import plain_text
+import synthetic
 
 TEXTS = ["a dog runs through the snow", "", "Ünïcödé café — 雪の中の犬",
          " ".join(["a very long caption"] * 40)]  # past the 64-token limit
@@ -49,7 +51,7 @@ def test_unsupported_configs_fall_back():
 
 def test_plain_tokenizer_matches_transformers(tmp_path):
     folder = str(tmp_path / "tok")
-    model.save_tiny_text_encoder(folder, ["a dog runs through the snow", "two cats on a red sofa"])
+    synthetic.save_tiny_text_encoder(folder, ["a dog runs through the snow", "two cats on a red sofa"])
     want = AutoTokenizer.from_pretrained(folder)(TEXTS, padding="longest", truncation=True, max_length=64,
                                                  return_tensors="pt")
     got = plain_text.PlainTokenizer(folder)(TEXTS, padding="longest", truncation=True, max_length=64)
@@ -60,16 +62,16 @@ def test_plain_tokenizer_matches_transformers(tmp_path):
 
 def test_load_model_plain_text_gives_the_same_embeddings(tmp_path):
     folder = str(tmp_path / "tower")
-    model.save_tiny_text_encoder(folder, ["a dog runs through the snow", "two cats on a red sofa"])
+    synthetic.save_tiny_text_encoder(folder, ["a dog runs through the snow", "two cats on a red sofa"])
     m = model.DualEncoder(text_encoder=folder, pretrained=False, text_pooling="mean")
     args = {"image_encoder": "mobilenet_v3_small", "text_encoder": folder, "embedding_dim": 512,
             "text_pooling": "mean", "temperature": 0.07, "fixed_temperature": False, "image_size": 64}
     run = tmp_path / "run"
     run.mkdir()
     model.load_tokenizer(folder).save_pretrained(run / "tokenizer")
-    model.save_checkpoint(str(run / "best.pt"), m, args, 1, None)
-    ref, ref_tok, _ = model.load_model(str(run / "best.pt"), torch.device("cpu"))
-    fast, fast_tok, _ = model.load_model(str(run / "best.pt"), torch.device("cpu"), plain_text=True)
+    checkpoint.save_checkpoint(str(run / "best.pt"), m, args, 1, None)
+    ref, ref_tok, _ = checkpoint.load_model(str(run / "best.pt"), torch.device("cpu"))
+    fast, fast_tok, _ = checkpoint.load_model(str(run / "best.pt"), torch.device("cpu"), plain_text=True)
     assert isinstance(fast.text_tower, plain_text.PlainTextTower) and isinstance(fast_tok, plain_text.PlainTokenizer)
     with torch.no_grad():
         ta, tb = dataset.tokenize(ref_tok, TEXTS), dataset.tokenize(fast_tok, TEXTS)
@@ -83,12 +85,12 @@ def test_load_model_plain_text_gives_the_same_embeddings(tmp_path):
 
 def test_damaged_saved_tokenizer_is_one_clear_error(tmp_path):
     folder = str(tmp_path / "tower")
-    model.save_tiny_text_encoder(folder, ["a dog runs"])
+    synthetic.save_tiny_text_encoder(folder, ["a dog runs"])
     m = model.DualEncoder(text_encoder=folder, pretrained=False)
     args = {"image_encoder": "mobilenet_v3_small", "text_encoder": folder, "embedding_dim": 512,
             "text_pooling": "cls", "temperature": 0.07, "fixed_temperature": False, "image_size": 64}
     model.load_tokenizer(folder).save_pretrained(tmp_path / "tokenizer")
-    model.save_checkpoint(str(tmp_path / "best.pt"), m, args, 1, None)
+    checkpoint.save_checkpoint(str(tmp_path / "best.pt"), m, args, 1, None)
     (tmp_path / "tokenizer" / "tokenizer.json").write_text("{not json")
     with pytest.raises(SystemExit, match="tokenizer saved beside .* cannot be read"):
-        model.load_model(str(tmp_path / "best.pt"), torch.device("cpu"), plain_text=True)
+        checkpoint.load_model(str(tmp_path / "best.pt"), torch.device("cpu"), plain_text=True)

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import dataset
 import preprocess_flickr8k as pf
+import synthetic
 
 SCRIPT = Path(__file__).resolve().parents[1] / "preprocess_flickr8k.py"
 
@@ -240,10 +242,10 @@ def test_not_a_dataset_and_nothing_usable(tmp_path):
 
 def test_cache_and_demo_call_the_repo_functions(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "dataset", types.SimpleNamespace(
-        build_image_cache=lambda data_dir, split, size: calls.append((data_dir, split, size)) or "x.npy"))
-    monkeypatch.setitem(sys.modules, "model", types.SimpleNamespace(
-        save_tiny_text_encoder=lambda folder, captions: calls.append((folder, len(captions)))))
+    monkeypatch.setattr(dataset, "build_image_cache",
+                        lambda data_dir, split, size: calls.append((data_dir, split, size)) or "x.npy")
+    monkeypatch.setattr(synthetic, "save_tiny_text_encoder",
+                        lambda folder, captions: calls.append((folder, len(captions))))
     src, out = official_folders(tmp_path / "src"), str(tmp_path / "out")
     pf.main(["--source", str(src), "--data_dir", out, "--cache_size", "32"])
     assert calls == [(out, "train", 32), (out, "val", 32)]

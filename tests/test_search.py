@@ -11,9 +11,10 @@ from PIL import Image
 
 import index
 import search
+from checkpoint import load_model, save_checkpoint
 from dataset import load_image
 from index import GalleryIndex, model_fingerprint, scan_folder
-from model import DualEncoder, load_model, save_checkpoint
+from model import DualEncoder
 
 
 def make_checkpoint(path, text_encoder, seed):
@@ -136,6 +137,8 @@ def test_decompression_bomb_is_unreadable(tmp_path, monkeypatch):
 def test_index_is_incremental(photos, ckpts, encoded, tmp_path):
     model, _, _ = load_model(ckpts[0], torch.device("cpu"))
     fp = model_fingerprint(model, 32)
+    # The mirror-image averaging and the photo side change every embedding: another index.
+    assert len({fp, model_fingerprint(model, 32, flip=True), model_fingerprint(model, 40)}) == 3
     ix = GalleryIndex(fp, str(photos), 32)
 
     def update():
@@ -290,11 +293,11 @@ def test_bad_input_is_a_clear_error(photos, ckpts, tmp_path, capsys, encoded):
 def test_ctrl_c_while_indexing_keeps_the_photos_done(photos, ckpts, tmp_path, capsys, encoded, monkeypatch):
     real, calls = DualEncoder.encode_images, []
 
-    def interrupt_second_batch(self, images):
+    def interrupt_second_batch(self, images, flip=False):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, images)
+        return real(self, images, flip)
     argv = ("--checkpoint", ckpts[0], "--images_dir", photos, "--query", "x", "--index_dir", tmp_path,
             "--batch_size", "2", "--json")
     with monkeypatch.context() as m:

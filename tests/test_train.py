@@ -13,7 +13,8 @@ import index
 import retrieval
 import search
 import train
-from model import load_model
+from checkpoint import load_model
+from model import DualEncoder
 
 
 def weights(path):
@@ -70,6 +71,34 @@ def test_train_evaluate_search_beats_chance(trained, tmp_path, capsys):
     assert (tmp_path / "search_a_red_circle.png").stat().st_size > 10_000
 
 
+def test_evaluate_overrides_the_inference_options_of_the_checkpoint(trained, tmp_path, monkeypatch):
+    # A checkpoint as train.py --eval_image_size 72 --eval_flip saves it, beside the plain one (64 px, no flip).
+    ck = torch.load(trained / "best.pt", weights_only=True)
+    ck["args"].update(eval_image_size=72, eval_flip=True)
+    os.makedirs(tmp_path / "m")
+    torch.save(ck, tmp_path / "m" / "best.pt")
+    shutil.copytree(trained / "tokenizer", tmp_path / "m" / "tokenizer")
+    plain, recipe = str(trained / "best.pt"), str(tmp_path / "m" / "best.pt")
+    seen, real = set(), DualEncoder.encode_images  # (photo side, flip) of the photo batches encoded
+    monkeypatch.setattr(DualEncoder, "encode_images",
+                        lambda m, images, flip=False: seen.add((images.shape[-1], flip)) or real(m, images, flip))
+
+    def run(checkpoint, *flags):
+        seen.clear()
+        out = tmp_path / "val.json"
+        assert evaluate.main(["--checkpoint", checkpoint, "--split", "val", "--output_json", str(out),
+                              "--num_workers", "0", "--device", "cpu", *flags]) == 0
+        return json.loads(out.read_text()), set(seen)
+
+    as_trained, how = run(recipe)
+    assert (as_trained["eval_image_size"], as_trained["eval_flip"], as_trained["querybank"]) == (72, True, False)
+    assert how == {(72, True)}
+    assert run(plain, "--eval_image_size", "72", "--eval_flip") == ({**as_trained, "checkpoint": plain}, how)
+    default, how = run(plain)
+    assert (default["eval_image_size"], default["eval_flip"]) == (64, False) and how == {(64, False)}
+    assert run(recipe, "--eval_image_size", "64", "--no_eval_flip") == ({**default, "checkpoint": recipe}, how)
+
+
 def test_search_index_is_reused_and_rebuilt(trained, tmp_path, monkeypatch):
     argv = ["--query", "green square", "--output_dir", str(tmp_path), "--device", "cpu", "--use_test_set",
             "--num_workers", "0", "--index_dir", str(tmp_path)]
@@ -110,7 +139,6 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
 
     # search.py ranks text queries by similarity less each photo's querybank bias (train captions).
     model, tok, _ = load_model(best, torch.device("cpu"))
-    assert model.eval_flip
     banks = []
     real_bank = search.caption_bank
     monkeypatch.setattr(search, "caption_bank", lambda *a: banks.append(1) or real_bank(*a))
@@ -120,6 +148,8 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     assert search.main(argv) == 0
     hits = json.loads(capsys.readouterr().out)
     ix = index.GalleryIndex.load(str(tmp_path / "m" / "index_best_test.pt"))
+    # Indexed at 72 pixels, each photo averaged with its mirror image, biased by the train captions.
+    assert ix.fingerprint == index.model_fingerprint(model, 72, True, search.bank_name(ck["args"]["data_dir"]))
     bank = retrieval.caption_bank(model, tok, ck["args"]["data_dir"], torch.device("cpu")).half().float()
     scale = model.logit_scale.exp().item()
     assert torch.allclose(ix.bias, retrieval.querybank_bias(ix.emb, bank, scale), atol=1e-5)

@@ -1,12 +1,12 @@
 """A tiny, learnable dataset and text encoder for tests: 4 colours x 2 shapes, 64 px photos."""
 
-import csv
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model import save_tiny_text_encoder
+from dataset import write_captions
+from synthetic import save_tiny_text_encoder
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 40, 220), "yellow": (235, 220, 40)}
 SHAPES = ("circle", "square")
@@ -33,10 +33,7 @@ def make_tiny_dataset(root, per_class_train=6, size=64, seed=0):
             for t in (f"a {colour} {shape}", f"one {colour} {shape} on grey", f"the {shape} is {colour}",
                       f"a {shape} coloured {colour}", f"{colour} {shape}"):
                 rows.append((name, t, split))
-    with open(os.path.join(root, "captions.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption", "split"])
-        w.writerows(rows)
+    write_captions(root, rows)
     save_tiny_text_encoder(os.path.join(root, "text_encoder"), [r[1] for r in rows if r[2] == "train"], dim=32)
     return root
 
