@@ -294,12 +294,15 @@ class DualEncoder(nn.Module):
         return emb
 
     def _encode_images(self, images):
-        x = (images.float() - self.mean) / self.std
-        if x.device.type != "mps":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._normalise(images)
         with autocast(x.device, "image", self.amp):
             feats = self.image_tower(x)
         return F.normalize(self.image_proj(feats.float()), dim=-1)
+
+    def _normalise(self, images):
+        """(B, 3, H, W) uint8 -> normalised float32, channels_last (see __init__) except on MPS."""
+        x = (images.float() - self.mean) / self.std
+        return x if x.device.type == "mps" else x.contiguous(memory_format=torch.channels_last)
 
     def text_trunk_modules(self, n):
         """The word embeddings and first n layers of the text tower (BERT or DistilBERT
@@ -313,9 +316,7 @@ class DualEncoder(nn.Module):
     def image_trunk(self, images, n):
         """(B, 3, H, W) uint8 -> (B, C, h, w): the image tower's first n blocks, whose output
         train.py caches when they are frozen (--image_cache_views)."""
-        x = (images.float() - self.mean) / self.std
-        if x.device.type != "mps":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._normalise(images)
         with autocast(x.device, "image", self.amp):
             return self.image_tower.trunk(x, n)
 
