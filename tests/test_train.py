@@ -149,7 +149,8 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     hits = json.loads(capsys.readouterr().out)
     ix = index.GalleryIndex.load(str(tmp_path / "m" / "index_best_test.pt"))
     # Indexed at 72 pixels, each photo averaged with its mirror image, biased by the train captions.
-    assert ix.fingerprint == index.model_fingerprint(model, 72, True, search.bank_name(ck["args"]["data_dir"]))
+    searched = load_model(best, torch.device("cpu"), plain_text=True)[0]  # its weights under search.py's names
+    assert ix.fingerprint == index.model_fingerprint(searched, 72, True, search.bank_name(ck["args"]["data_dir"]))
     bank = retrieval.caption_bank(model, tok, ck["args"]["data_dir"], torch.device("cpu")).half().float()
     scale = model.logit_scale.exp().item()
     assert torch.allclose(ix.bias, retrieval.querybank_bias(ix.emb, bank, scale), atol=1e-5)
