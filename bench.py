@@ -99,7 +99,7 @@ def get_args(argv=None):
 
 # ---------------------------------------------------------------------------- data
 
-def make_photos(folder, n, seed=0):
+def make_images(folder, n, seed=0):
     """n photo-like 500x375 JPEGs (smooth colour fields with grain, ~75 KB, like Flickr's) with five
     captions each, laid out as preprocess_flickr8k.py does. Caption lengths match Flickr8K's where
     it counts: the longest of 32 has ~24 tokens, as on Flickr8K (24.5)."""
@@ -391,7 +391,7 @@ def main(argv=None):
             data_dir, data_desc = args.data_dir, f"{args.data_dir} (train)"
         else:
             data_dir, data_desc = tmp, "synthetic 500x375 JPEG"
-            make_photos(tmp, args.photos)
+            make_images(tmp, args.photos)
         # Ours reads the uint8 cache that preprocess_flickr8k.py writes (built here if missing): a
         # one-off cost, like decoding the photos for the first time.
         t = time.perf_counter()

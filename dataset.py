@@ -24,11 +24,15 @@ from tqdm import tqdm
 
 from atomic import atomic_path, atomic_write
 
+# What search.py indexes in a personal folder.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What preprocess_flickr8k.py admits into a dataset: no GIF or TIFF, since a training set is still
+# photos (an animation's first frame, a scan) while a personal folder holds whatever it holds.
+DATASET_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e not in (".gif", ".tif", ".tiff"))
 
 
-def read_captions(data_dir, split):
-    """Rows of captions.csv for one split, sorted by image then caption order."""
+def read_captions(data_dir, split=None):
+    """Rows of captions.csv for one split (None: every split), sorted by image then caption order."""
     path = os.path.join(data_dir, "captions.csv")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; run preprocess_flickr8k.py first "
@@ -41,10 +45,13 @@ def read_captions(data_dir, split):
     missing = {"image", "caption", "split"} - set(df.columns)
     if missing:
         raise SystemExit(f"error: {path} lacks column(s) {sorted(missing)}; rerun preprocess_flickr8k.py.")
-    df = df[df["split"] == split]
     if df.empty:
-        raise SystemExit(f"error: split '{split}' has no captions in {path}; rerun preprocess_flickr8k.py "
-                         "(it writes train, val and test) or pick another split.")
+        raise SystemExit(f"error: {path} holds no captions; rerun preprocess_flickr8k.py.")
+    if split is not None:
+        df = df[df["split"] == split]
+        if df.empty:
+            raise SystemExit(f"error: split '{split}' has no captions in {path}; rerun preprocess_flickr8k.py "
+                             "(it writes train, val and test) or pick another split.")
     # A stable sort keeps the five captions of a photo in file order.
     return df.sort_values("image", kind="stable").reset_index(drop=True)
 
@@ -91,10 +98,15 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def load_image(path, size):
-    """Decode one photo to a (size, size, 3) uint8 array: shorter side to `size`, centre crop."""
+def read_image(path, size):
+    """Decode one image file to a (3, size, size) uint8 tensor: shorter side to `size`, centre crop.
+
+    The one decoder of model inputs (datasets, the image cache, the gallery index, search's --image),
+    so a photo has the same pixels, and the same embedding, whichever way it comes in.
+    """
     img = ImageOps.fit(open_rgb(path, size), (size, size), Image.Resampling.BILINEAR)
-    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy takes it without a warning
+    # np.array: a writable copy, which torch.from_numpy takes without a warning
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def _cache_paths(data_dir, split, size):
@@ -122,7 +134,7 @@ def build_image_cache(data_dir, split, size):
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(images), size, size, 3))
         _reserve(tmp)
         for i, name in enumerate(tqdm(images, desc=f"caching {split} images", unit="img")):
-            arr[i] = load_image(os.path.join(data_dir, "images", name), size)
+            arr[i] = read_image(os.path.join(data_dir, "images", name), size).permute(1, 2, 0).numpy()  # (S, S, 3)
         arr.flush()
         del arr
     with atomic_write(meta) as f:
@@ -165,8 +177,9 @@ class ImageStore:
 
     def __getitem__(self, i):
         """(3, size, size) uint8 tensor."""
-        arr = self.cache[i] if self.cache is not None else load_image(self.paths[i], self.size)
-        return torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # a copy: the cache is read-only
+        if self.cache is None:
+            return read_image(self.paths[i], self.size)
+        return torch.from_numpy(np.array(self.cache[i])).permute(2, 0, 1)  # a copy: the cache is read-only
 
 
 def random_resized_crop_flip(img, size, generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)):

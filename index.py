@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from atomic import atomic_path
-from dataset import IMAGE_EXTENSIONS, load_image
+from dataset import IMAGE_EXTENSIONS, read_image
 
 INDEX_VERSION = 2  # 2: a querybank bias per photo
 CHUNK_ROWS = 16384  # 16 MB of float16 at D=512: few enough chunks, small enough to stay in cache
@@ -62,8 +62,8 @@ def scan_folder(root):
     return files
 
 
-class PhotoFiles(Dataset):
-    """Photo files for encoding. Item: (uint8 (3, S, S), '' or why the file could not be read)."""
+class ImageFiles(Dataset):
+    """Image files for encoding. Item: (uint8 (3, S, S), '' or why the file could not be read)."""
 
     def __init__(self, paths, image_size):
         self.paths = paths
@@ -74,18 +74,18 @@ class PhotoFiles(Dataset):
 
     def __getitem__(self, i):
         try:
-            return torch.from_numpy(load_image(self.paths[i], self.image_size)).permute(2, 0, 1), ""
+            return read_image(self.paths[i], self.image_size), ""
         except Exception as e:  # any undecodable file is reported and skipped, never a crash
             s = self.image_size
             return torch.zeros(3, s, s, dtype=torch.uint8), f"{type(e).__name__}: {e}"[:200]
 
 
 @torch.no_grad()
-def encode_photos(model, paths, image_size, device, batch_size=32, num_workers=0, flip=False):
-    """Encode photo files in order (flip: as model.encode_images). Returns (emb (M, D) float16 of the readable ones,
+def encode_image_files(model, paths, image_size, device, batch_size=32, num_workers=0, flip=False):
+    """Encode image files in order (flip: as model.encode_images). Returns (emb (M, D) float16 of the readable ones,
     errors: one string per file done, '' where it was read), and stops early on Ctrl-C,
     so len(errors) < len(paths) means interrupted."""
-    loader = DataLoader(PhotoFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers)
     embs, errors = [torch.empty(0, model.image_proj.out_features, dtype=torch.float16)], []
     try:
         with tqdm(total=len(paths), desc="indexing photos", unit="photo") as bar:
@@ -178,8 +178,8 @@ class GalleryIndex:
         interrupted = False
         if todo:
             bias_fn = make_bias_fn() if make_bias_fn is not None else None
-            emb, errors = encode_photos(model, [os.path.join(self.root, p) for p in todo], image_size,
-                                        device, batch_size, num_workers, flip)
+            emb, errors = encode_image_files(model, [os.path.join(self.root, p) for p in todo], image_size,
+                                             device, batch_size, num_workers, flip)
             interrupted = len(errors) < len(todo)
             done = [p for p, e in zip(todo, errors) if not e]
             if bias_fn is not None:  # before anything changes: rows, paths and biases stay aligned

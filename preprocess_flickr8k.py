@@ -53,10 +53,7 @@ MAX_RATIO = 100
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
-PHOTO_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")  # the official archive misspells it
-# Stricter than dataset.IMAGE_EXTENSIONS (no GIF or TIFF): a training set is still photos, while
-# search.py indexes whatever a personal folder holds.
-PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")  # the official archive misspells it
 
 
 class TransientError(Exception):
@@ -356,17 +353,17 @@ def load_source(args, skipped):
     roots = ([raw] if archives else []) + roots
     token = find(roots, ["Flickr8k.token.txt"], want_dir=False)
     if token:
-        photos = find(roots, PHOTO_DIRS, want_dir=True)
-        if not photos:
-            raise SystemExit(f"error: found {token} but no {PHOTO_DIRS[0]}/ photo folder near it")
-        return read_token_file(token, skipped), read_split_files(os.path.dirname(token)), photos
+        image_dir = find(roots, IMAGE_DIRS, want_dir=True)
+        if not image_dir:
+            raise SystemExit(f"error: found {token} but no {IMAGE_DIRS[0]}/ photo folder near it")
+        return read_token_file(token, skipped), read_split_files(os.path.dirname(token)), image_dir
     kaggle = find(roots, ["captions.txt"], want_dir=False)  # Kaggle: captions.txt next to Images/
     folders = [os.path.join(os.path.dirname(kaggle), d) for d in ("Images", "images")] if kaggle else []
-    photos = next((d for d in folders if os.path.isdir(d)), None)
-    if not photos:
+    image_dir = next((d for d in folders if os.path.isdir(d)), None)
+    if not image_dir:
         raise SystemExit(f"error: no dataset under {', '.join(roots) or args.source}: expected "
                          "Flickr8k.token.txt + Flicker8k_Dataset/ or captions.txt + Images/")
-    return read_caption_csv(kaggle, skipped), None, photos
+    return read_caption_csv(kaggle, skipped), None, image_dir
 
 
 def verify_image(path):
@@ -395,16 +392,22 @@ def link_or_copy(src, dst):
             shutil.copyfile(src, tmp)
 
 
-def collect(captions, splits, photo_dir, data_dir, skipped, num_workers):
+def is_dataset_image(image):
+    """Whether an image name from a captions file may enter the dataset: a plain file name (no folder)
+    with one of dataset.DATASET_EXTENSIONS."""
+    from dataset import DATASET_EXTENSIONS  # lazy: dataset.py pulls in torch, which downloads do not need
+    return os.path.basename(image) == image and "\\" not in image and image.lower().endswith(DATASET_EXTENSIONS)
+
+
+def collect(captions, splits, image_dir, data_dir, skipped, num_workers):
     """Keep photos that have a split and load in PIL, put them in images/; return caption rows."""
     out_dir = os.path.join(data_dir, "images")
     os.makedirs(out_dir, exist_ok=True)
-    sizes = {e.name: e.stat().st_size for e in os.scandir(photo_dir) if e.is_file()}
+    sizes = {e.name: e.stat().st_size for e in os.scandir(image_dir) if e.is_file()}
     done = {e.name: e.stat().st_size for e in os.scandir(out_dir) if e.is_file()}
     keep, todo = [], []
     for image, caps in captions.items():
-        plain = os.path.basename(image) == image and "\\" not in image
-        if not plain or not image.lower().endswith(PHOTO_EXTS):
+        if not is_dataset_image(image):
             skipped["bad photo name (not a plain .jpg/.png file name)"].append((image, len(caps)))
         elif image not in sizes:
             skipped["missing photo"].append((f"{image} ({splits.get(image, 'no split')})", len(caps)))
@@ -415,7 +418,7 @@ def collect(captions, splits, photo_dir, data_dir, skipped, num_workers):
             if done.get(image) != sizes[image]:  # photos already in images/ were verified before
                 todo.append(image)
     with ThreadPoolExecutor(num_workers) as pool:  # PIL decodes without holding the GIL
-        paths = [os.path.join(photo_dir, im) for im in todo]
+        paths = [os.path.join(image_dir, im) for im in todo]
         try:
             errors = list(tqdm(pool.map(verify_image, paths), total=len(paths), desc="verify", unit="photo"))
         except KeyboardInterrupt:  # else leaving the `with` would wait for every queued photo
@@ -427,7 +430,7 @@ def collect(captions, splits, photo_dir, data_dir, skipped, num_workers):
             skipped["unreadable photo"].append((f"{image} ({err})", len(captions[image])))
             bad.add(image)
         else:
-            link_or_copy(os.path.join(photo_dir, image), os.path.join(out_dir, image))
+            link_or_copy(os.path.join(image_dir, image), os.path.join(out_dir, image))
     return [(im, c, splits[im]) for im in keep if im not in bad for c in captions[im]]
 
 
@@ -486,12 +489,12 @@ def prepare(args):
         train_captions = [c for _, c, s in rows if s == "train"]
         save_tiny_text_encoder(os.path.join(args.data_dir, "text_encoder"), train_captions)
     else:
-        captions, splits, photo_dir = load_source(args, skipped)
+        captions, splits, image_dir = load_source(args, skipped)
         if splits is None:  # split the photos we have, so missing ones do not skew the ratios
-            present = set(os.listdir(photo_dir))
-            names = [im for im in captions if im in present and im.lower().endswith(PHOTO_EXTS)]
+            present = set(os.listdir(image_dir))
+            names = [im for im in captions if im in present and is_dataset_image(im)]
             splits = split_by_image(names, args.split_ratio, args.seed)
-        rows = collect(captions, splits, photo_dir, args.data_dir, skipped, args.num_workers)
+        rows = collect(captions, splits, image_dir, args.data_dir, skipped, args.num_workers)
         if rows:
             from dataset import write_captions  # lazy: dataset.py pulls in torch
             write_captions(args.data_dir, rows)

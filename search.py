@@ -25,7 +25,7 @@ import torch
 
 from atomic import atomic_path
 from checkpoint import eval_image_size, load_model
-from dataset import IMAGE_EXTENSIONS, load_image, open_rgb
+from dataset import IMAGE_EXTENSIONS, open_rgb, read_captions, read_image
 from index import GalleryIndex, model_fingerprint, scan_folder
 from model import keep_freed_memory, pick_device
 from retrieval import caption_bank, encode_texts, querybank_bias
@@ -88,15 +88,11 @@ def read_queries(path):
 
 
 def gallery_images(data_dir, use_test_set):
-    """Sorted photo names: the test split's, or every photo the dataset lists."""
-    from dataset import read_captions
-    if use_test_set:
-        return sorted(read_captions(data_dir, "test")["image"].unique())
-    import pandas as pd
+    """Sorted image names: the test split's, or every image the dataset lists."""
     path = os.path.join(data_dir, "captions.csv")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; pass --data_dir, or --images_dir to search your own photos.")
-    return sorted(pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")["image"].unique())
+    return sorted(read_captions(data_dir, "test" if use_test_set else None)["image"].unique())
 
 
 def flickr_files(root, names):
@@ -281,7 +277,7 @@ def main(argv=None):
     model, tokenizer, ckpt = load_model(args.checkpoint, device, plain_text=True)
     if args.image:  # read it before indexing, so a bad file fails at once
         try:
-            query_img = torch.from_numpy(load_image(args.image, eval_image_size(ckpt["args"]))).permute(2, 0, 1)
+            query_img = read_image(args.image, eval_image_size(ckpt["args"]))  # (3, S, S)
         except Exception as e:
             raise SystemExit(f"error: cannot read --image {args.image} ({type(e).__name__}: {e}); "
                              "give a JPEG, PNG or WebP photo.")

@@ -60,7 +60,7 @@ def smoothed_info_nce(img_emb, txt_emb, logit_scale, same_image=None, eps=0.1):
 
 
 @torch.no_grad()
-def photo_clusters(data_dir, text_encoder, k, device, iters=30):
+def image_clusters(data_dir, text_encoder, k, device, iters=30):
     """k-means (cosine) of the train photos, each the mean of its captions' pretrained sentence
     embeddings (mean pooling): similar photos share a cluster."""
     df = read_captions(data_dir, "train")
@@ -71,8 +71,8 @@ def photo_clusters(data_dir, text_encoder, k, device, iters=30):
         b = tokenize(tok, captions[i:i + 512]).to(device)
         hidden = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         embs.append(F.normalize(mean_pool(hidden, b["attention_mask"]), dim=-1))
-    photo = torch.tensor([index[n] for n in df["image"]], device=device)
-    sums = torch.zeros(len(index), embs[0].shape[1], device=device).index_add_(0, photo, torch.cat(embs))
+    image_ids = torch.tensor([index[n] for n in df["image"]], device=device)  # (captions,)
+    sums = torch.zeros(len(index), embs[0].shape[1], device=device).index_add_(0, image_ids, torch.cat(embs))
     p = F.normalize(sums, dim=-1)
     centres = p[torch.randperm(len(p), generator=torch.Generator().manual_seed(0))[:k].to(device)]
     for _ in range(iters):
@@ -126,7 +126,7 @@ def main(argv=None):
         train.info_nce = smoothed_info_nce
     if "_hard" in args.variant:
         k = int(args.variant.split("_hard")[1])  # clusters of ~6,000/k photos; a batch of 256 spans ~256k/6,000 of them
-        train.epoch_order = clustered_order(photo_clusters(args.data_dir, args.text_encoder, k, device), k,
+        train.epoch_order = clustered_order(image_clusters(args.data_dir, args.text_encoder, k, device), k,
                                             train_args.batch_size)
     validate, epochs_seen = train.evaluate_split, []
 

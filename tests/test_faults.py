@@ -353,7 +353,7 @@ def test_interrupted_image_cache_is_never_used_and_rebuilds(tiny_data, tmp_path,
     def interrupt(*a):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(dataset, "load_image", interrupt)
+        m.setattr(dataset, "read_image", interrupt)
         with pytest.raises(KeyboardInterrupt):
             build_image_cache(str(data), "val", 16)
     assert os.listdir(data / "cache") == []  # no array, no image list, no temporary file

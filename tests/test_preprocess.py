@@ -81,7 +81,7 @@ def truncated_jpeg():
     return buf.getvalue()[: len(buf.getvalue()) // 2]
 
 
-def official_photos():
+def official_images():
     good = {name: jpeg_bytes(i) for i, name in enumerate(["a.jpg", "b.jpg", "e.jpg", "nosplit.jpg"])}
     return {**good, "c.jpg": truncated_jpeg(), "d.jpg": b""}
 
@@ -90,7 +90,7 @@ def official_archives(folder, padding=0):
     """Flickr8k_Dataset.zip and Flickr8k_text.zip as the official ones are laid out."""
     folder.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(folder / "Flickr8k_Dataset.zip", "w") as zf:
-        for name, data in official_photos().items():
+        for name, data in official_images().items():
             zf.writestr(f"Flicker8k_Dataset/{name}", data)
         zf.writestr("__MACOSX/Flicker8k_Dataset/._a.jpg", b"resource fork")
         if padding:  # incompressible bytes, so a download takes several chunks
@@ -105,7 +105,7 @@ def official_archives(folder, padding=0):
 def official_folders(folder):
     """The same data already extracted, nested a level down and with the other spelling."""
     (folder / "Flickr8k_Dataset").mkdir(parents=True)
-    for name, data in official_photos().items():
+    for name, data in official_images().items():
         (folder / "Flickr8k_Dataset" / name).write_bytes(data)
     (folder / "text").mkdir()
     (folder / "text" / "Flickr8k.token.txt").write_text(TOKEN)
@@ -129,7 +129,7 @@ def test_official_layout(tmp_path, capsys, make):
     run("--source", src, "--data_dir", out)
     assert (out / "captions.csv").read_text() == EXPECTED_CSV
     assert sorted(os.listdir(out / "images")) == ["a.jpg", "b.jpg", "e.jpg"]
-    assert (out / "images" / "b.jpg").read_bytes() == official_photos()["b.jpg"]
+    assert (out / "images" / "b.jpg").read_bytes() == official_images()["b.jpg"]
     lines = capsys.readouterr().out.splitlines()
     assert lines == [*EXPECTED_SUMMARY, "skipped, unreadable photo: 2 (2 captions), e.g. c.jpg (OSError: image "
                      "file is truncated (151 bytes not processed)), d.jpg (not an image PIL can read)"]
@@ -202,6 +202,13 @@ def test_user_csv_and_split_ratio(tmp_path):
     assert sorted(r["image"] for r in rows) == [f"x{i}.png" for i in range(10)]
     assert sorted(r["split"] for r in rows) == ["train"] * 5 + ["val"] * 5
     assert not (tmp_path / "out" / "x0.png").exists()
+
+
+def test_dataset_images_are_plain_names_without_gif_or_tiff():
+    from dataset import DATASET_EXTENSIONS, IMAGE_EXTENSIONS
+    names = ["a.JPG", "b.jpeg", "c.png", "d.webp", "e.bmp", "f.gif", "g.tiff", "h.jpg.1", "sub/i.jpg", "j\\k.jpg"]
+    assert [n for n in names if pf.is_dataset_image(n)] == ["a.JPG", "b.jpeg", "c.png", "d.webp", "e.bmp"]
+    assert set(IMAGE_EXTENSIONS) - set(DATASET_EXTENSIONS) == {".gif", ".tif", ".tiff"}  # search.py still takes them
 
 
 def test_split_by_image_proportions():
@@ -594,7 +601,7 @@ def test_captions_csv_in_latin1_or_missing_columns(tmp_path):
         pf.read_caption_csv(str(tmp_path / "c.csv"), skipped)
 
 
-def test_photo_modes_are_accepted_and_huge_photos_refused(tmp_path, monkeypatch):
+def test_image_modes_are_accepted_and_huge_images_refused(tmp_path, monkeypatch):
     photos = {"i16.png": Image.new("I;16", (40, 30)), "cmyk.jpg": Image.new("CMYK", (40, 30), (0, 50, 90, 10)),
               "palette.png": Image.new("P", (40, 30)), "la.png": Image.new("LA", (40, 30))}
     for name, im in photos.items():

@@ -28,12 +28,12 @@ def test_clustered_order_makes_batches_of_whole_clusters():
     assert order != screen.clustered_order(cluster, 3, 4)(list(range(12)), 0, 1)  # reshuffled each epoch
 
 
-def test_photo_clusters_group_every_train_photo(tiny_data):
+def test_image_clusters_group_every_train_image(tiny_data):
     from dataset import read_captions
-    n_photos = read_captions(tiny_data, "train")["image"].nunique()
-    cluster = screen.photo_clusters(tiny_data, os.path.join(tiny_data, "text_encoder"), 3, torch.device("cpu"))
-    assert cluster.shape == (n_photos,) and set(cluster.tolist()) <= {0, 1, 2} and len(set(cluster.tolist())) > 1
-    assert torch.equal(cluster, screen.photo_clusters(tiny_data, os.path.join(tiny_data, "text_encoder"), 3,
+    n_images = read_captions(tiny_data, "train")["image"].nunique()
+    cluster = screen.image_clusters(tiny_data, os.path.join(tiny_data, "text_encoder"), 3, torch.device("cpu"))
+    assert cluster.shape == (n_images,) and set(cluster.tolist()) <= {0, 1, 2} and len(set(cluster.tolist())) > 1
+    assert torch.equal(cluster, screen.image_clusters(tiny_data, os.path.join(tiny_data, "text_encoder"), 3,
                                                       torch.device("cpu")))  # seeded: the same every run
 
 

@@ -7,12 +7,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
+import dataset
 import index
 import search
 from checkpoint import load_model, save_checkpoint
-from dataset import load_image
+from dataset import read_image
 from index import GalleryIndex, model_fingerprint, scan_folder
 from model import DualEncoder
 
@@ -76,21 +77,26 @@ def run(capsys, *argv):
 def encoded(monkeypatch):
     """The number of photo files each indexing pass decodes."""
     calls = []
-    real = index.encode_photos
+    real = index.encode_image_files
 
     def counting(model, paths, *a, **k):
         calls.append(len(paths))
         return real(model, paths, *a, **k)
-    monkeypatch.setattr(index, "encode_photos", counting)
+    monkeypatch.setattr(index, "encode_image_files", counting)
     return calls
 
 
 # ---------------------------------------------------------------------------- decoding
 
+def pixels(path, size):
+    """dataset.read_image as an int array (size, size, 3), to compare with RGB triples."""
+    return read_image(path, size).permute(1, 2, 0).numpy().astype(int)
+
+
 def test_odd_image_modes_decode_to_sensible_rgb(tmp_path):
     def load(name, img, **save):
         img.save(tmp_path / name, **save)
-        return load_image(tmp_path / name, 16).astype(int)
+        return pixels(tmp_path / name, 16)
     assert (load("g.png", Image.new("L", (20, 20), 100)) == 100).all()
     # 16-bit greyscale: mid-grey must stay mid-grey, not clip to white
     g16 = Image.fromarray(np.full((20, 20), 128 * 257, dtype=np.uint16))
@@ -106,7 +112,7 @@ def test_odd_image_modes_decode_to_sensible_rgb(tmp_path):
     assert (load("rgba.png", Image.new("RGBA", (20, 20), (0, 0, 0, 0))) == 255).all()
     frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
-    first = load_image(tmp_path / "anim.gif", 16).astype(int)
+    first = pixels(tmp_path / "anim.gif", 16)
     assert np.abs(first - [255, 0, 0]).max() < 10  # the first frame
     assert load("w.webp", Image.new("RGB", (30, 20), (10, 200, 10)), quality=95).shape == (16, 16, 3)
 
@@ -118,17 +124,52 @@ def test_exif_orientation_is_honoured(tmp_path):
     exif[0x0112] = 6  # "rotate 90 clockwise to display"
     img.save(tmp_path / "rot.jpg", exif=exif, quality=95)
     img.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.jpg", quality=95)  # 32x64, red on top
-    got = load_image(tmp_path / "rot.jpg", 32).astype(int)
-    assert np.abs(got - load_image(tmp_path / "upright.jpg", 32).astype(int)).mean() < 6
+    got = pixels(tmp_path / "rot.jpg", 32)
+    assert np.abs(got - pixels(tmp_path / "upright.jpg", 32)).mean() < 6
     assert got[2, 16, 0] > 150 and got[-3, 16, 2] > 150  # red at the top, blue at the bottom
+
+
+def test_every_way_in_decodes_the_same_pixels(tmp_path):
+    """Datasets (from the files or the cache), the gallery index and --image all decode through
+    dataset.read_image, which keeps what training saw: shorter side to size, centre crop, bilinear."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    wide = Image.new("RGB", (64, 32), (220, 20, 20))
+    wide.paste((20, 200, 20), (16, 0, 48, 32))  # red | green | red: the centre crop is green
+    wide.save(folder / "wide.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 30, 3), dtype=np.uint8)).save(
+        folder / "tall.jpg", quality=90)
+    Image.new("CMYK", (30, 20), (255, 0, 0, 0)).save(folder / "cmyk.jpg", quality=95)
+    pal = Image.new("P", (20, 30), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 0] + [0] * 762)
+    pal.paste(1, (10, 0, 20, 30))
+    pal.save(folder / "pal.png", transparency=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    wide.save(folder / "rot.jpg", exif=exif, quality=95)
+    names = sorted(os.listdir(folder))
+    (tmp_path / "captions.csv").write_text("image,caption,split\n" + "".join(f"{n},a photo,val\n" for n in names))
+    dataset.build_image_cache(str(tmp_path), "val", 16)
+    cached = dataset.ImageStore(str(tmp_path), names, 16, "val")
+    files = dataset.ImageStore(str(tmp_path), names, 16)
+    indexed = index.ImageFiles([str(folder / n) for n in names], 16)
+    assert cached.cache is not None and files.cache is None
+    for i, n in enumerate(names):
+        fit = ImageOps.fit(dataset.open_rgb(folder / n, 16), (16, 16), Image.Resampling.BILINEAR)
+        want = torch.from_numpy(np.array(fit)).permute(2, 0, 1)  # (3, 16, 16)
+        got = read_image(folder / n, 16)
+        assert got.dtype == torch.uint8 and torch.equal(got, want), n
+        assert torch.equal(cached[i], want) and torch.equal(files[i], want) and torch.equal(indexed[i][0], want), n
+    assert (pixels(folder / "wide.png", 16)[:, 2:-2] == [20, 200, 20]).all()
+    assert (pixels(folder / "pal.png", 16)[:, -4:] == 255).all()  # the transparent half, on white
 
 
 def test_decompression_bomb_is_unreadable(tmp_path, monkeypatch):
     path = photo(tmp_path / "big.jpg", 0, size=(64, 64))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4096 pixels: past the warning, below the error
     with pytest.raises(Image.DecompressionBombWarning):
-        load_image(path, 16)
-    img, err = index.PhotoFiles([path], 16)[0]
+        read_image(path, 16)
+    img, err = index.ImageFiles([path], 16)[0]
     assert "DecompressionBomb" in err and img.shape == (3, 16, 16)
 
 
@@ -316,3 +357,14 @@ def test_flickr8k_gallery_by_text_and_image(tiny_data, ckpts, tmp_path, capsys):
     query = os.path.join(tiny_data, "images", "blue_square_7.jpg")
     rc, out, err = run(capsys, *common, "--image", query, "--top_k", "2")
     assert rc == 0 and out.splitlines()[1].split()[2] == query
+
+
+def test_flickr8k_gallery_lists_every_split_or_the_test_split(tiny_data, tmp_path):
+    every = search.gallery_images(tiny_data, use_test_set=False)
+    assert len(every) == 64 and every == sorted(every) and "red_circle_0.jpg" in every  # 8 photos x 8 classes
+    assert search.gallery_images(tiny_data, use_test_set=True) == sorted(n for n in every if n.endswith("_7.jpg"))
+    with pytest.raises(SystemExit, match="captions.csv not found; pass --data_dir, or --images_dir"):
+        search.gallery_images(str(tmp_path), use_test_set=True)
+    (tmp_path / "captions.csv").write_text("image,caption,split\n")
+    with pytest.raises(SystemExit, match="captions.csv holds no captions; rerun preprocess"):
+        search.gallery_images(str(tmp_path), use_test_set=False)

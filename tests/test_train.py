@@ -104,8 +104,9 @@ def test_search_index_is_reused_and_rebuilt(trained, tmp_path, monkeypatch):
             "--num_workers", "0", "--index_dir", str(tmp_path)]
     search.main(["--checkpoint", str(trained / "best.pt"), *argv])
     calls = []
-    real = index.encode_photos
-    monkeypatch.setattr(index, "encode_photos", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))  # a[1]: paths
+    real = index.encode_image_files
+    # a[1]: the paths to encode
+    monkeypatch.setattr(index, "encode_image_files", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     search.main(["--checkpoint", str(trained / "best.pt"), *argv])
     assert calls == []  # same checkpoint, same photos: the stored index answers
     # A retrained checkpoint of the same name: other image weights, so all 8 photos are encoded again.
