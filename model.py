@@ -73,18 +73,54 @@ def pick_device(name="auto", local_rank=None):
     return device
 
 
-def autocast(device, tower, enabled=True):
-    """The one place that picks the autocast context for a tower ('image' or 'text').
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX on x86; oneDNN's
+    own probe). Elsewhere (AVX2-only laptops and VMs) bf16 autocast is emulated: converted in
+    software and many times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
-    CUDA: bf16 for both towers. CPU: bf16 for the transformer, whose matrix products run
-    ~2.6x faster on CPUs with bf16 instructions, but fp32 for the depthwise convolutions of the
-    image tower, which run slower in bf16. MPS: fp32, the safe choice across macOS releases.
+
+def autocast_dtype(device, tower, enabled=True):
+    """The one precision policy: the autocast dtype for a tower ('image' or 'text'), or None (fp32).
+
+    CUDA: bf16 for both towers. CPU: bf16 for the transformer only where the CPU runs bf16
+    natively: there its matrix products run ~2.6x faster, but emulated they run ~20x slower
+    than fp32 (benchmarks/precision.py; benchmarks/README.md). The image tower's depthwise
+    convolutions stay fp32 on every CPU: they run slower in bf16. MPS: fp32, the safe choice
+    across macOS releases.
     """
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and device.type == "cpu" and tower == "text":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and tower == "text" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device, tower, enabled=True):
+    """The autocast context of autocast_dtype's choice (a no-op context for fp32)."""
+    dtype = autocast_dtype(device, tower, enabled)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def precision_summary(device, enabled=True):
+    """One line saying what the policy chose for `device` and why, for the start of a run."""
+    names = {None: "fp32", torch.bfloat16: "bf16"}
+    chosen = f"image tower {names[autocast_dtype(device, 'image', enabled)]}, " \
+             f"text tower {names[autocast_dtype(device, 'text', enabled)]}"
+    if not enabled:
+        why = "--no_amp"
+    elif device.type == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        why = (f"CPU {cap} with native bf16" if cpu_has_native_bf16()
+               else f"CPU {cap} without native bf16: bf16 would be emulated, many times slower")
+    else:
+        why = {"cuda": "CUDA: bf16 tensor cores", "mps": "MPS: fp32 is the safe choice"}.get(device.type, "")
+    return f"precision on {device}: {chosen} ({why})"
 
 
 # ---------------------------------------------------------------------------- image towers

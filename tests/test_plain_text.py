@@ -77,7 +77,7 @@ def test_load_model_plain_text_gives_the_same_embeddings(tmp_path):
         ta, tb = dataset.tokenize(ref_tok, TEXTS), dataset.tokenize(fast_tok, TEXTS)
         a = ref.encode_texts(ta["input_ids"], ta["attention_mask"])
         b = fast.encode_texts(tb["input_ids"], tb["attention_mask"])
-    # CPU runs the text tower in bf16 autocast: equal up to its rounding.
+    # On a CPU with native bf16 the text tower runs under bf16 autocast: equal up to its rounding.
     assert (a * b).sum(-1).min() > 0.999
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     assert torch.equal(ref.encode_images(images), fast.encode_images(images))
