@@ -13,7 +13,6 @@ or changed since the last, so a query costs one text or image encoding and one p
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -24,9 +23,8 @@ import warnings
 import torch
 
 from dataset import IMAGE_EXTENSIONS, load_image, open_rgb
-from index import GalleryIndex, model_fingerprint, scan_folder
+from index import Gallery, encode_query, log, readable, result_rows, slug, top_hits
 from model import eval_image_size, load_model, pick_device
-from retrieval import caption_bank, encode_texts, querybank_bias
 
 MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file beside the index
 
@@ -85,45 +83,6 @@ def read_queries(path):
     return queries
 
 
-def gallery_images(data_dir, use_test_set):
-    """Sorted photo names: the test split's, or every photo the dataset lists."""
-    from dataset import read_captions
-    if use_test_set:
-        return sorted(read_captions(data_dir, "test")["image"].unique())
-    import pandas as pd
-    path = os.path.join(data_dir, "captions.csv")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found; pass --data_dir, or --images_dir to search your own photos.")
-    return sorted(pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")["image"].unique())
-
-
-def flickr_files(root, names):
-    """{name: (size, mtime_ns)} of the listed photos that exist under root."""
-    files = {}
-    for name in names:
-        try:
-            st = os.stat(os.path.join(root, name))
-            files[name] = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            pass
-    if len(files) < len(names):
-        log(f"warning: {len(names) - len(files)} of {len(names)} photos listed in captions.csv are missing from {root}")
-    return files
-
-
-def slug(text, limit=60):
-    """A file-name-safe form of text; a short hash keeps texts apart when non-ASCII is dropped or it is cut."""
-    s = "_".join("".join(c if c.isascii() and c.isalnum() else " " for c in text.lower()).split())
-    if not s or len(s) > limit or not text.isascii():
-        s = f"{s[:limit].strip('_')}_{hashlib.sha1(text.encode()).hexdigest()[:8]}".lstrip("_")
-    return s
-
-
-def log(msg):
-    """Progress and warnings go to stderr, so stdout holds only results (and stays valid JSON)."""
-    print(msg, file=sys.stderr)
-
-
 def report_index(ix, report, path):
     changes = {k: report[k] for k in ("added", "updated", "removed") if report[k]}
     if changes:
@@ -174,100 +133,26 @@ def save_grid(paths, scores, out_path, title, query_image=None, show=False):
     plt.close(fig)
 
 
-def querybank_source(args, ckpt):
-    """The dataset whose training captions are the querybank of a checkpoint trained with
-    --querybank, or None: rank by cosine similarity."""
-    if not ckpt["args"].get("querybank"):
-        return None
-    data_dir = args.data_dir or ckpt["args"].get("data_dir") or ""
-    if os.path.isfile(os.path.join(data_dir, "captions.csv")):
-        return data_dir
-    log(f"warning: {args.checkpoint} ranks with querybank normalisation, which needs its training "
-        f"captions ({os.path.join(data_dir, 'captions.csv')}: not found); ranking by cosine similarity "
-        "instead. Pass --data_dir to point at them.")
-    return None
-
-
-def bank_name(data_dir):
-    """Names the caption bank of a dataset: its folder and its captions.csv's size and time."""
-    st = os.stat(os.path.join(data_dir, "captions.csv"))
-    return f"{os.path.realpath(data_dir)}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def stored_caption_bank(model, tokenizer, data_dir, device, path, fingerprint):
-    """retrieval.caption_bank, kept in `path` (float16, 30 MB for Flickr8K's 30,000 captions): photos
-    added to an index later need no second encoding of the bank (a minute or two on 2 cores).
-    `fingerprint` (model_fingerprint with the bank's name) says which model and bank it is."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if data["key"] == fingerprint:
-            return data["bank"].float()
-    except Exception:
-        pass  # missing, damaged or another model's: encode it
-    bank = caption_bank(model, tokenizer, data_dir, device).half()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"key": fingerprint, "bank": bank}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except OSError:
-        pass  # a read-only folder: encode again next time
-    return bank.float()  # the same float16-rounded bank whether just encoded or read back
-
-
 def index_gallery(args, model, tokenizer, ckpt):
     """Bring the gallery's index up to date and save it. Returns (index, folder the paths are
     relative to as the user named it, whether Ctrl-C cut the indexing short)."""
-    image_size = eval_image_size(ckpt["args"])
-    if args.images_dir:
-        shown_root = args.images_dir
-        root = os.path.realpath(args.images_dir)
-        # The folder's name for people, a hash of its full path for uniqueness (two "photos" folders).
-        name = f"{slug(os.path.basename(root) or 'root', 30)}-{hashlib.sha1(root.encode()).hexdigest()[:8]}"
-        files = scan_folder(root)
-    else:
-        data_dir = args.data_dir or ckpt["args"]["data_dir"]
-        shown_root = os.path.join(data_dir, "images")
-        root = os.path.realpath(shown_root)
-        name = "test" if args.use_test_set else "all"
-        files = flickr_files(root, gallery_images(data_dir, args.use_test_set))
-    # Beside the checkpoint, not in the photo folder: that may be read-only, synced or shared.
-    index_dir = args.index_dir or os.path.dirname(os.path.abspath(args.checkpoint))
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-    path = os.path.join(index_dir, f"index_{stem}_{name}.pt")
-    qb_dir = querybank_source(args, ckpt)
-    fingerprint = model_fingerprint(model, image_size, bank_name(qb_dir) if qb_dir is not None else "")
-    ix = GalleryIndex.open(path, fingerprint, root, model.image_proj.out_features, os.path.abspath(args.checkpoint),
-                           log)
-    device = next(model.parameters()).device
-    make_bias_fn = None
-    if qb_dir is not None:
-        def make_bias_fn():  # called only when there are new photos to give a bias
-            bank = stored_caption_bank(model, tokenizer, qb_dir, device,
-                                       os.path.join(index_dir, f"querybank_{stem}.pt"), fingerprint)
-            return lambda emb: querybank_bias(emb, bank, model.logit_scale.exp().item())
-    report = ix.update(files, model, image_size, device, args.batch_size, args.num_workers, make_bias_fn)
-    if report["changed"] or not os.path.exists(path):
-        try:
-            os.makedirs(index_dir, exist_ok=True)
-            ix.save(path)
-        except OSError as e:
-            log(f"warning: could not save the index to {path} ({e.strerror}); "
-                "pass --index_dir with a writable folder to keep it between runs.")
-    report_index(ix, report, path)
-    return ix, shown_root, report["interrupted"]
+    gallery = Gallery(args, model, tokenizer, ckpt)
+    report = gallery.update(gallery.ix, gallery.scan())
+    if report["changed"] or not os.path.exists(gallery.path):
+        gallery.save(gallery.ix)
+    report_index(gallery.ix, report, gallery.path)
+    return gallery.ix, gallery.shown_root, report["interrupted"]
 
 
 def print_results(labels, results, n, as_image, as_json):
     if as_json:
-        print(json.dumps([{"query": label, "rank": rank, "path": p, "score": round(s, 6)}
-                          for label, hits in zip(labels, results) for rank, (p, s) in enumerate(hits, 1)],
-                         ensure_ascii=False, indent=1))
+        print(json.dumps(result_rows(labels, results), ensure_ascii=False, indent=1))
         return
     for i, (label, hits) in enumerate(zip(labels, results)):
-        what = f"like {label}" if as_image else f'for "{label}"'
+        what = f"like {readable(label)}" if as_image else f'for "{readable(label)}"'
         print(("\n" if i else "") + f"top {len(hits)} of {n} photos {what}:")
         for rank, (p, s) in enumerate(hits, 1):
-            print(f"{rank:3d}  {s:.4f}  {p}")
+            print(f"{rank:3d}  {s:.4f}  {readable(p)}")
 
 
 def main(argv=None):
@@ -290,15 +175,9 @@ def main(argv=None):
         raise SystemExit(f"error: no readable photos in {shown_root} (searched recursively for "
                          f"{' '.join(IMAGE_EXTENSIONS)}).")
 
-    with torch.no_grad():
-        if args.image:
-            q_emb = model.embed_photos(query_img[None].to(device)).cpu()  # (1, D)
-        else:
-            q_emb = encode_texts(model, tokenizer, labels, device, desc="encoding queries")  # (Q, D)
-    # The querybank bias corrects text queries only: it measures how close a photo is to captions.
-    scores, rows = ix.top_k(q_emb, args.top_k, bias=None if args.image else ix.bias)  # (Q, k) each
-    results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in zip(rr, ss)]
-               for rr, ss in zip(rows.tolist(), scores.tolist())]
+    q_emb = encode_query(model, tokenizer, labels, query_img[None] if args.image else None)  # (Q, D)
+    results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in hits]
+               for hits in top_hits(ix, q_emb, args.top_k, text=not args.image)]
     print_results(labels, results, len(ix), bool(args.image), args.json)
     if args.json or args.queries:
         return 0

@@ -112,8 +112,8 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     model, tok, _ = load_model(best, torch.device("cpu"))
     assert model.eval_flip
     banks = []
-    real_bank = search.caption_bank
-    monkeypatch.setattr(search, "caption_bank", lambda *a: banks.append(1) or real_bank(*a))
+    real_bank = index.caption_bank
+    monkeypatch.setattr(index, "caption_bank", lambda *a: banks.append(1) or real_bank(*a))
     argv = ["--checkpoint", best, "--use_test_set", "--query", "a red circle", "--top_k", "8", "--json",
             "--device", "cpu", "--num_workers", "0"]
     capsys.readouterr()
