@@ -8,6 +8,9 @@ Embeddings are stored as float16, 1 KB a photo at D=512, and searched exhaustive
 records a fingerprint of the model that made it, so embeddings of two models never mix. For a
 model trained with --querybank it also keeps each photo's querybank bias, which text queries'
 scores are lowered by (retrieval.querybank_bias).
+
+Gallery and the functions after it are what search.py and serve.py share: the photos and index
+file of a checkpoint's gallery, the encoding and ranking of a query, and the JSON of a result.
 """
 
 import copy
@@ -338,6 +341,29 @@ def stored_caption_bank(model, tokenizer, data_dir, device, path, fingerprint):
     except OSError:
         pass  # a read-only folder: encode again next time
     return bank.float()  # the same float16-rounded bank whether just encoded or read back
+
+
+def add_gallery_args(p, batch_size, num_workers):
+    """The flags that choose a gallery, its index and the model, for search.py and serve.py."""
+    # gallery
+    p.add_argument("--images_dir", default=None, help="search this folder of photos (recursively) instead of Flickr8K")
+    p.add_argument("--use_test_set", action="store_true", help="search only the test split's photos")
+    p.add_argument("--data_dir", default=None, help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--index_dir", default=None, help="where gallery indexes are kept (default: beside the checkpoint)")
+    p.add_argument("--batch_size", type=int, default=batch_size, help="photos per encoding batch while indexing")
+    p.add_argument("--num_workers", type=int, default=num_workers, help="processes decoding photos while indexing")
+    # model
+    p.add_argument("--checkpoint", default="models/best.pt", help="trained checkpoint")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+
+
+def check_gallery_args(p, args):
+    if args.batch_size < 1 or args.num_workers < 0:
+        p.error("--batch_size must be at least 1, --num_workers at least 0")
+    if args.images_dir and args.use_test_set:
+        p.error("--use_test_set picks Flickr8K's test photos; it does not apply to --images_dir")
+    if args.images_dir and not os.path.isdir(args.images_dir):
+        p.error(f"--images_dir {args.images_dir} is not a folder")
 
 
 class Gallery:

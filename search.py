@@ -23,7 +23,17 @@ import warnings
 import torch
 
 from dataset import IMAGE_EXTENSIONS, load_image, open_rgb
-from index import Gallery, encode_query, log, readable, result_rows, slug, top_hits
+from index import (
+    Gallery,
+    add_gallery_args,
+    check_gallery_args,
+    encode_query,
+    log,
+    readable,
+    result_rows,
+    slug,
+    top_hits,
+)
 from model import eval_image_size, load_model, pick_device
 
 MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file beside the index
@@ -38,28 +48,16 @@ def get_args(argv=None):
     q.add_argument("--queries", help="text file of queries, one per line ('-': standard input); saves no grids")
     p.add_argument("--top_k", type=int, default=9, help="how many photos to return per query")
     p.add_argument("--json", action="store_true", help="print results as JSON (query, rank, path, score), no grid")
-    # gallery
-    p.add_argument("--images_dir", default=None, help="search this folder of photos (recursively) instead of Flickr8K")
-    p.add_argument("--use_test_set", action="store_true", help="search only the test split's photos")
-    p.add_argument("--data_dir", default=None, help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--index_dir", default=None, help="where gallery indexes are kept (default: beside the checkpoint)")
-    p.add_argument("--batch_size", type=int, default=32, help="photos per encoding batch while indexing")
-    p.add_argument("--num_workers", type=int, default=2, help="processes decoding photos while indexing")
-    # model
-    p.add_argument("--checkpoint", default="models/best.pt", help="trained checkpoint")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    add_gallery_args(p, batch_size=32, num_workers=2)
     # output
     p.add_argument("--output_dir", default="results", help="where the result grid is saved")
     p.add_argument("--show", action="store_true", help="open the grid in a window")
     args = p.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
-        p.error("--top_k and --batch_size must be at least 1, --num_workers at least 0")
+    check_gallery_args(p, args)
+    if args.top_k < 1:
+        p.error("--top_k must be at least 1")
     if args.query is not None and not args.query.strip():
         p.error("--query is empty")
-    if args.images_dir and args.use_test_set:
-        p.error("--use_test_set picks Flickr8K's test photos; it does not apply to --images_dir")
-    if args.images_dir and not os.path.isdir(args.images_dir):
-        p.error(f"--images_dir {args.images_dir} is not a folder")
     if args.image and not os.path.isfile(args.image):
         p.error(f"--image {args.image} is not a file")
     return args

@@ -31,7 +31,17 @@ from urllib.parse import parse_qs, urlsplit
 from PIL import Image
 
 from dataset import open_rgb
-from index import Gallery, PhotoFiles, encode_query, log, readable, result_rows, top_hits
+from index import (
+    Gallery,
+    PhotoFiles,
+    add_gallery_args,
+    check_gallery_args,
+    encode_query,
+    log,
+    readable,
+    result_rows,
+    top_hits,
+)
 from model import load_model, pick_device
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
@@ -47,26 +57,12 @@ SAVE_EVERY = 30.0  # seconds: an interrupted server loses at most this much inde
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # gallery
-    p.add_argument("--images_dir", default=None, help="search this folder of photos (recursively) instead of Flickr8K")
-    p.add_argument("--use_test_set", action="store_true", help="search only the test split's photos")
-    p.add_argument("--data_dir", default=None, help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--index_dir", default=None, help="where gallery indexes are kept (default: beside the checkpoint)")
-    p.add_argument("--batch_size", type=int, default=16, help="photos per encoding batch while indexing")
-    p.add_argument("--num_workers", type=int, default=0, help="processes decoding photos while indexing")
-    # model
-    p.add_argument("--checkpoint", default="models/best.pt", help="trained checkpoint")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    add_gallery_args(p, batch_size=16, num_workers=0)
     # server
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback, others see your photos")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0:
-        p.error("--batch_size must be at least 1, --num_workers at least 0")
-    if args.images_dir and args.use_test_set:
-        p.error("--use_test_set picks Flickr8K's test photos; it does not apply to --images_dir")
-    if args.images_dir and not os.path.isdir(args.images_dir):
-        p.error(f"--images_dir {args.images_dir} is not a folder")
+    check_gallery_args(p, args)
     return args
 
 
@@ -93,17 +89,18 @@ class Library:
         return {"indexed": len(ix), "total": self.total, "indexing": self.indexing.is_alive(),
                 "failed": len(ix.failed), "root": readable(self.gallery.shown_root)}
 
-    def rescan(self):
-        """Start indexing in the background unless it runs already. Returns whether it started."""
+    def rescan(self, files=None):
+        """Start indexing `files` (default: a new scan) in the background unless it runs already.
+        Returns whether it started."""
         with self.rescan_lock:
             if self.indexing.is_alive():
                 return False
-            self.indexing = threading.Thread(target=self._index, daemon=True)
+            self.indexing = threading.Thread(target=self._index, args=(files,), daemon=True)
             self.indexing.start()
             return True
 
-    def _index(self):
-        files = self.gallery.scan()
+    def _index(self, files):
+        files = self.gallery.scan() if files is None else files
         self.total = len(files)
         ix = self.ix
         known = set(ix.paths) | set(ix.failed)
@@ -297,7 +294,7 @@ def make_server(args):
     except OSError as e:
         raise SystemExit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); pass another --port.")
     server.daemon_threads = True
-    library.rescan()
+    library.rescan(library.gallery.scan())  # scanned here, so that a missing folder or dataset stops the start
     return server, library
 
 
