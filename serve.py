@@ -311,6 +311,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         library.closing.set()
         library.indexing.join()  # the index so far is saved: the next start goes on from there
+    server.server_close()
     return 0
 
 

@@ -5,6 +5,8 @@ import http.client
 import io
 import json
 import os
+import re
+import socket
 import threading
 from urllib.parse import quote
 
@@ -181,3 +183,23 @@ def test_indexing_in_steps_while_searching(tiny_data, tmp_path, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_main_prints_the_address_and_refuses_a_busy_port(tiny_data, tmp_path, capsys, monkeypatch):
+    ckpt = make_checkpoint(tmp_path / "m" / "best.pt", os.path.join(tiny_data, "text_encoder"), 0)
+    photo(tmp_path / "photos" / "a.jpg", 0)
+    common = ["--checkpoint", ckpt, "--images_dir", str(tmp_path / "photos"), "--index_dir", str(tmp_path),
+              "--device", "cpu"]
+
+    def ctrl_c(server):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(serve.ThreadingHTTPServer, "serve_forever", ctrl_c)
+    capsys.readouterr()
+    assert serve.main([*common, "--port", "0"]) == 0
+    out = capsys.readouterr()
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+\n", out.out) and "WARNING" not in out.err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1"):
+            serve.main([*common, "--port", str(busy.getsockname()[1])])
