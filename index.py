@@ -8,8 +8,11 @@ Embeddings are stored as float16, 1 KB a photo at D=512, and searched exhaustive
 records a fingerprint of the model that made it, so embeddings of two models never mix. For a
 model trained with --querybank it also keeps each photo's querybank bias, which text queries'
 scores are lowered by (retrieval.querybank_bias).
+
+gallery.py builds on it: the photos and index file of a checkpoint's gallery, and its queries.
 """
 
+import copy
 import hashlib
 import os
 import queue
@@ -146,6 +149,13 @@ class GalleryIndex:
             log(f"{path} indexes another folder ({ix.root}); re-encoding every photo of {root}.")
             ix = None
         return ix if ix is not None else cls(fingerprint, root, dim, checkpoint)
+
+    def copy(self):
+        """A copy to update while searches go on reading this one: update() replaces the tensors
+        rather than writing into them, so only the path list and the failures are copied."""
+        new = copy.copy(self)
+        new.paths, new.failed = list(self.paths), dict(self.failed)
+        return new
 
     def save(self, path):
         """Write atomically: a crash mid-write leaves the previous index intact."""

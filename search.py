@@ -13,7 +13,6 @@ or changed since the last, so a query costs one text or image encoding and one p
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -21,14 +20,20 @@ import sys
 import textwrap
 import warnings
 
-import torch
-
-from atomic import atomic_path
 from checkpoint import eval_image_size, load_model
-from dataset import IMAGE_EXTENSIONS, open_rgb, read_captions, read_image
-from index import GalleryIndex, model_fingerprint, scan_folder
+from dataset import IMAGE_EXTENSIONS, open_rgb, read_image
+from gallery import (
+    Gallery,
+    add_gallery_args,
+    check_gallery_args,
+    encode_query,
+    log,
+    readable,
+    result_rows,
+    slug,
+    top_hits,
+)
 from model import keep_freed_memory, pick_device
-from retrieval import caption_bank, encode_texts, querybank_bias
 
 MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file beside the index
 
@@ -42,28 +47,16 @@ def get_args(argv=None):
     q.add_argument("--queries", help="text file of queries, one per line ('-': standard input); saves no grids")
     p.add_argument("--top_k", type=int, default=9, help="how many photos to return per query")
     p.add_argument("--json", action="store_true", help="print results as JSON (query, rank, path, score), no grid")
-    # gallery
-    p.add_argument("--images_dir", default=None, help="search this folder of photos (recursively) instead of Flickr8K")
-    p.add_argument("--use_test_set", action="store_true", help="search only the test split's photos")
-    p.add_argument("--data_dir", default=None, help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--index_dir", default=None, help="where gallery indexes are kept (default: beside the checkpoint)")
-    p.add_argument("--batch_size", type=int, default=32, help="photos per encoding batch while indexing")
-    p.add_argument("--num_workers", type=int, default=2, help="processes decoding photos while indexing")
-    # model
-    p.add_argument("--checkpoint", default="models/best.pt", help="trained checkpoint")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    add_gallery_args(p, batch_size=32, num_workers=2)
     # output
     p.add_argument("--output_dir", default="results", help="where the result grid is saved")
     p.add_argument("--show", action="store_true", help="open the grid in a window")
     args = p.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
-        p.error("--top_k and --batch_size must be at least 1, --num_workers at least 0")
+    check_gallery_args(p, args)
+    if args.top_k < 1:
+        p.error("--top_k must be at least 1")
     if args.query is not None and not args.query.strip():
         p.error("--query is empty")
-    if args.images_dir and args.use_test_set:
-        p.error("--use_test_set picks Flickr8K's test photos; it does not apply to --images_dir")
-    if args.images_dir and not os.path.isdir(args.images_dir):
-        p.error(f"--images_dir {args.images_dir} is not a folder")
     if args.image and not os.path.isfile(args.image):
         p.error(f"--image {args.image} is not a file")
     return args
@@ -85,41 +78,6 @@ def read_queries(path):
     if not queries:
         raise SystemExit(f"error: --queries {path} holds no queries; write one per line.")
     return queries
-
-
-def gallery_images(data_dir, use_test_set):
-    """Sorted image names: the test split's, or every image the dataset lists."""
-    path = os.path.join(data_dir, "captions.csv")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found; pass --data_dir, or --images_dir to search your own photos.")
-    return sorted(read_captions(data_dir, "test" if use_test_set else None)["image"].unique())
-
-
-def flickr_files(root, names):
-    """{name: (size, mtime_ns)} of the listed photos that exist under root."""
-    files = {}
-    for name in names:
-        try:
-            st = os.stat(os.path.join(root, name))
-            files[name] = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            pass
-    if len(files) < len(names):
-        log(f"warning: {len(names) - len(files)} of {len(names)} photos listed in captions.csv are missing from {root}")
-    return files
-
-
-def slug(text, limit=60):
-    """A file-name-safe form of text; a short hash keeps texts apart when non-ASCII is dropped or it is cut."""
-    s = "_".join("".join(c if c.isascii() and c.isalnum() else " " for c in text.lower()).split())
-    if not s or len(s) > limit or not text.isascii():
-        s = f"{s[:limit].strip('_')}_{hashlib.sha1(text.encode()).hexdigest()[:8]}".lstrip("_")
-    return s
-
-
-def log(msg):
-    """Progress and warnings go to stderr, so stdout holds only results (and stays valid JSON)."""
-    print(msg, file=sys.stderr)
 
 
 def report_index(ix, report, path):
@@ -172,100 +130,26 @@ def save_grid(paths, scores, out_path, title, query_image=None, show=False):
     plt.close(fig)
 
 
-def querybank_source(args, ckpt):
-    """The dataset whose training captions are the querybank of a checkpoint trained with
-    --querybank, or None: rank by cosine similarity."""
-    if not ckpt["args"].get("querybank"):
-        return None
-    data_dir = args.data_dir or ckpt["args"].get("data_dir") or ""
-    if os.path.isfile(os.path.join(data_dir, "captions.csv")):
-        return data_dir
-    log(f"warning: {args.checkpoint} ranks with querybank normalisation, which needs its training "
-        f"captions ({os.path.join(data_dir, 'captions.csv')}: not found); ranking by cosine similarity "
-        "instead. Pass --data_dir to point at them.")
-    return None
-
-
-def bank_name(data_dir):
-    """Names the caption bank of a dataset: its folder and its captions.csv's size and time."""
-    st = os.stat(os.path.join(data_dir, "captions.csv"))
-    return f"{os.path.realpath(data_dir)}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def stored_caption_bank(model, tokenizer, data_dir, device, path, fingerprint):
-    """retrieval.caption_bank, kept in `path` (float16, 30 MB for Flickr8K's 30,000 captions): photos
-    added to an index later need no second encoding of the bank (a minute or two on 2 cores).
-    `fingerprint` (model_fingerprint with the bank's name) says which model and bank it is."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if data["key"] == fingerprint:
-            return data["bank"].float()
-    except Exception:
-        pass  # missing, damaged or another model's: encode it
-    bank = caption_bank(model, tokenizer, data_dir, device).half()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save({"key": fingerprint, "bank": bank}, tmp)
-    except OSError:
-        pass  # a read-only folder: encode again next time
-    return bank.float()  # the same float16-rounded bank whether just encoded or read back
-
-
 def index_gallery(args, model, tokenizer, ckpt):
     """Bring the gallery's index up to date and save it. Returns (index, folder the paths are
     relative to as the user named it, whether Ctrl-C cut the indexing short)."""
-    image_size, flip = eval_image_size(ckpt["args"]), ckpt["args"].get("eval_flip", False)
-    if args.images_dir:
-        shown_root = args.images_dir
-        root = os.path.realpath(args.images_dir)
-        # The folder's name for people, a hash of its full path for uniqueness (two "photos" folders).
-        name = f"{slug(os.path.basename(root) or 'root', 30)}-{hashlib.sha1(root.encode()).hexdigest()[:8]}"
-        files = scan_folder(root)
-    else:
-        data_dir = args.data_dir or ckpt["args"]["data_dir"]
-        shown_root = os.path.join(data_dir, "images")
-        root = os.path.realpath(shown_root)
-        name = "test" if args.use_test_set else "all"
-        files = flickr_files(root, gallery_images(data_dir, args.use_test_set))
-    # Beside the checkpoint, not in the photo folder: that may be read-only, synced or shared.
-    index_dir = args.index_dir or os.path.dirname(os.path.abspath(args.checkpoint))
-    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-    path = os.path.join(index_dir, f"index_{stem}_{name}.pt")
-    qb_dir = querybank_source(args, ckpt)
-    fingerprint = model_fingerprint(model, image_size, flip, bank_name(qb_dir) if qb_dir is not None else "")
-    ix = GalleryIndex.open(path, fingerprint, root, model.image_proj.out_features, os.path.abspath(args.checkpoint),
-                           log)
-    device = next(model.parameters()).device
-    make_bias_fn = None
-    if qb_dir is not None:
-        def make_bias_fn():  # called only when there are new photos to give a bias
-            bank = stored_caption_bank(model, tokenizer, qb_dir, device,
-                                       os.path.join(index_dir, f"querybank_{stem}.pt"), fingerprint)
-            return lambda emb: querybank_bias(emb, bank, model.logit_scale.exp().item())
-    report = ix.update(files, model, image_size, device, args.batch_size, args.num_workers, make_bias_fn, flip)
-    if report["changed"] or not os.path.exists(path):
-        try:
-            os.makedirs(index_dir, exist_ok=True)
-            ix.save(path)
-        except OSError as e:
-            log(f"warning: could not save the index to {path} ({e.strerror}); "
-                "pass --index_dir with a writable folder to keep it between runs.")
-    report_index(ix, report, path)
-    return ix, shown_root, report["interrupted"]
+    gallery = Gallery(args, model, tokenizer, ckpt)
+    report = gallery.update(gallery.ix, gallery.scan())
+    if report["changed"] or not os.path.exists(gallery.path):
+        gallery.save(gallery.ix)
+    report_index(gallery.ix, report, gallery.path)
+    return gallery.ix, gallery.shown_root, report["interrupted"]
 
 
 def print_results(labels, results, n, as_image, as_json):
     if as_json:
-        print(json.dumps([{"query": label, "rank": rank, "path": p, "score": round(s, 6)}
-                          for label, hits in zip(labels, results) for rank, (p, s) in enumerate(hits, 1)],
-                         ensure_ascii=False, indent=1))
+        print(json.dumps(result_rows(labels, results), ensure_ascii=False, indent=1))
         return
     for i, (label, hits) in enumerate(zip(labels, results)):
-        what = f"like {label}" if as_image else f'for "{label}"'
+        what = f"like {readable(label)}" if as_image else f'for "{readable(label)}"'
         print(("\n" if i else "") + f"top {len(hits)} of {n} photos {what}:")
         for rank, (p, s) in enumerate(hits, 1):
-            print(f"{rank:3d}  {s:.4f}  {p}")
+            print(f"{rank:3d}  {s:.4f}  {readable(p)}")
 
 
 def main(argv=None):
@@ -289,16 +173,10 @@ def main(argv=None):
         raise SystemExit(f"error: no readable photos in {shown_root} (searched recursively for "
                          f"{' '.join(IMAGE_EXTENSIONS)}).")
 
-    with torch.no_grad():
-        if args.image:
-            flip = ckpt["args"].get("eval_flip", False)  # as the gallery was indexed
-            q_emb = model.encode_images(query_img[None].to(device), flip).cpu()  # (1, D)
-        else:
-            q_emb = encode_texts(model, tokenizer, labels, device, desc="encoding queries")  # (Q, D)
-    # The querybank bias corrects text queries only: it measures how close a photo is to captions.
-    scores, rows = ix.top_k(q_emb, args.top_k, bias=None if args.image else ix.bias)  # (Q, k) each
-    results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in zip(rr, ss)]
-               for rr, ss in zip(rows.tolist(), scores.tolist())]
+    q_emb = encode_query(model, tokenizer, labels, query_img[None] if args.image else None,
+                         ckpt["args"].get("eval_flip", False))  # (Q, D)
+    results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in hits]
+               for hits in top_hits(ix, q_emb, args.top_k, text=not args.image)]
     print_results(labels, results, len(ix), bool(args.image), args.json)
     if args.json or args.queries:
         return 0

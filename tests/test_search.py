@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 import dataset
+import gallery
 import index
 import search
 from checkpoint import load_model, save_checkpoint
@@ -360,11 +361,11 @@ def test_flickr8k_gallery_by_text_and_image(tiny_data, ckpts, tmp_path, capsys):
 
 
 def test_flickr8k_gallery_lists_every_split_or_the_test_split(tiny_data, tmp_path):
-    every = search.gallery_images(tiny_data, use_test_set=False)
+    every = gallery.gallery_images(tiny_data, use_test_set=False)
     assert len(every) == 64 and every == sorted(every) and "red_circle_0.jpg" in every  # 8 photos x 8 classes
-    assert search.gallery_images(tiny_data, use_test_set=True) == sorted(n for n in every if n.endswith("_7.jpg"))
+    assert gallery.gallery_images(tiny_data, use_test_set=True) == sorted(n for n in every if n.endswith("_7.jpg"))
     with pytest.raises(SystemExit, match="captions.csv not found; pass --data_dir, or --images_dir"):
-        search.gallery_images(str(tmp_path), use_test_set=True)
+        gallery.gallery_images(str(tmp_path), use_test_set=True)
     (tmp_path / "captions.csv").write_text("image,caption,split\n")
     with pytest.raises(SystemExit, match="captions.csv holds no captions; rerun preprocess"):
-        search.gallery_images(str(tmp_path), use_test_set=False)
+        gallery.gallery_images(str(tmp_path), use_test_set=False)

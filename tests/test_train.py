@@ -9,6 +9,7 @@ import torch
 from tiny import train_argv
 
 import evaluate
+import gallery
 import index
 import retrieval
 import search
@@ -141,8 +142,8 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     # search.py ranks text queries by similarity less each photo's querybank bias (train captions).
     model, tok, _ = load_model(best, torch.device("cpu"))
     banks = []
-    real_bank = search.caption_bank
-    monkeypatch.setattr(search, "caption_bank", lambda *a: banks.append(1) or real_bank(*a))
+    real_bank = gallery.caption_bank
+    monkeypatch.setattr(gallery, "caption_bank", lambda *a: banks.append(1) or real_bank(*a))
     argv = ["--checkpoint", best, "--use_test_set", "--query", "a red circle", "--top_k", "8", "--json",
             "--device", "cpu", "--num_workers", "0"]
     capsys.readouterr()
@@ -151,7 +152,7 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     ix = index.GalleryIndex.load(str(tmp_path / "m" / "index_best_test.pt"))
     # Indexed at 72 pixels, each photo averaged with its mirror image, biased by the train captions.
     searched = load_model(best, torch.device("cpu"), plain_text=True)[0]  # its weights under search.py's names
-    assert ix.fingerprint == index.model_fingerprint(searched, 72, True, search.bank_name(ck["args"]["data_dir"]))
+    assert ix.fingerprint == index.model_fingerprint(searched, 72, True, gallery.bank_name(ck["args"]["data_dir"]))
     bank = retrieval.caption_bank(model, tok, ck["args"]["data_dir"], torch.device("cpu")).half().float()
     scale = model.logit_scale.exp().item()
     assert torch.allclose(ix.bias, retrieval.querybank_bias(ix.emb, bank, scale), atol=1e-5)

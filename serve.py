@@ -1,0 +1,321 @@
+"""Search photos from a local web page: type words, drop a photo, or click one for more like it.
+
+    python serve.py --checkpoint models/offline/best.pt --images_dir ~/Pictures   # prints http://127.0.0.1:8000
+    python serve.py                                                               # Flickr8K gallery of models/best.pt
+
+The page runs over search.py's index and ranking (index.py), so a query gets the same photos and
+scores as `search.py --json`. The index is brought up to date in the background at start and on
+"Rescan": searches meanwhile see the photos indexed so far. The same JSON serves scripts:
+
+    GET  /api/search?q=TEXT&k=N   text query          GET /api/status   indexing progress
+    GET  /api/like?id=ROW&k=N     photos like photo   POST /api/rescan  index new and changed photos
+    POST /api/image?k=N           photos like the photo file in the request body
+    GET  /thumb/ROW[?size=large]  a JPEG thumbnail    GET /photo/ROW    the original file
+
+Only indexed photos (by row number, inside the folder) and the page's own files are ever served.
+"""
+
+import argparse
+import io
+import json
+import mimetypes
+import os
+import re
+import sys
+import threading
+import time
+from collections import OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from PIL import Image
+
+from checkpoint import load_model
+from dataset import open_rgb
+from gallery import (
+    Gallery,
+    add_gallery_args,
+    check_gallery_args,
+    encode_query,
+    log,
+    readable,
+    result_rows,
+    top_hits,
+)
+from index import ImageFiles
+from model import keep_freed_memory, pick_device
+
+WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+ASSETS = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
+MAX_QUERY_CHARS = 1000  # the text tower reads at most a few hundred tokens anyway
+MAX_K = 200
+MAX_UPLOAD = 32 << 20  # bytes: a large camera photo fits
+THUMB_SIZES = {"small": 256, "large": 1024}
+THUMB_CACHE = 4000  # thumbnails kept in memory (~10 KB each at 256 px)
+STEP = 64  # photos encoded between two publications of the growing index
+SAVE_EVERY = 30.0  # seconds: an interrupted server loses at most this much indexing
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_gallery_args(p, batch_size=16, num_workers=0)
+    # server
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback, others see your photos")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    args = p.parse_args(argv)
+    check_gallery_args(p, args)
+    return args
+
+
+class BadRequest(Exception):
+    """A request the server refuses: (HTTP status, message for the JSON error)."""
+
+
+class Library:
+    """The model and the gallery's index as the page sees it. `ix` is replaced, never changed, by
+    the indexing thread, so a request reads one consistent index without a lock."""
+
+    def __init__(self, gallery, model, tokenizer):
+        self.gallery, self.model, self.tokenizer = gallery, model, tokenizer
+        self.ix = gallery.ix
+        self.total = None  # photos found by the last scan
+        self.indexing = threading.Thread()  # not started: not indexing
+        self.model_lock = threading.Lock()  # one query encoding at a time: the cores are few
+        self.thumbs, self.thumb_lock = OrderedDict(), threading.Lock()
+        self.closing = threading.Event()
+        self.rescan_lock = threading.Lock()
+
+    def status(self):
+        ix = self.ix
+        return {"indexed": len(ix), "total": self.total, "indexing": self.indexing.is_alive(),
+                "failed": len(ix.failed), "root": readable(self.gallery.shown_root)}
+
+    def rescan(self, files=None):
+        """Start indexing `files` (default: a new scan) in the background unless it runs already.
+        Returns whether it started."""
+        with self.rescan_lock:
+            if self.indexing.is_alive():
+                return False
+            self.indexing = threading.Thread(target=self._index, args=(files,), daemon=True)
+            self.indexing.start()
+            return True
+
+    def _index(self, files):
+        files = self.gallery.scan() if files is None else files
+        self.total = len(files)
+        ix = self.ix
+        known = set(ix.paths) | set(ix.failed)
+        base = {p: v for p, v in files.items() if p in known}
+        new = sorted(p for p in files if p not in known)
+        changed, saved = False, time.monotonic()
+        # New photos a step at a time, each step published: searches see them as they come. The
+        # first step also drops deleted photos and re-encodes changed ones.
+        for i in range(0, max(len(new), 1), STEP):
+            ix = ix.copy()
+            report = self.gallery.update(ix, {**base, **{p: files[p] for p in new[:i + STEP]}})
+            self.ix, changed = ix, changed or report["changed"]
+            if changed and (time.monotonic() - saved > SAVE_EVERY or i + STEP >= len(new)):
+                self.gallery.save(ix)
+                saved, changed = time.monotonic(), False
+            if self.closing.is_set():
+                break
+        if changed or not os.path.exists(self.gallery.path):
+            self.gallery.save(ix)
+        log(f"index {self.gallery.path}: {len(ix)} photos, {len(ix.failed)} unreadable")
+
+    def search(self, label, q_emb, k, text):
+        """The JSON answer: result_rows (as search.py --json prints them) with each photo's row
+        number for /thumb and /photo, and the indexing progress."""
+        ix = self.ix
+        hits = top_hits(ix, q_emb, k, text)[0]
+        rows = result_rows([label], [[(os.path.join(self.gallery.shown_root, ix.paths[r]), s) for r, s in hits]])
+        for row, (r, _) in zip(rows, hits):
+            row["id"] = r
+        return {"results": rows, **self.status()}
+
+    def search_text(self, q, k):
+        if not q.strip():
+            raise BadRequest(400, "empty query: type some words")
+        if len(q) > MAX_QUERY_CHARS:
+            raise BadRequest(400, f"query too long: {len(q)} characters, at most {MAX_QUERY_CHARS}")
+        with self.model_lock:
+            q_emb = encode_query(self.model, self.tokenizer, texts=[q])
+        return self.search(q, q_emb, k, text=True)
+
+    def search_like(self, row, k):
+        ix = self.ix
+        if not 0 <= row < len(ix):
+            raise BadRequest(404, f"no photo {row} in the index")
+        return self.search(f"#{row}", ix.emb[row:row + 1].float(), k, text=False)
+
+    def search_image(self, data, k):
+        # ImageFiles decodes an upload exactly as indexing decodes a file, and reports rather than
+        # raises on one it cannot read: a bomb (over Pillow's MAX_IMAGE_PIXELS), a text file, ...
+        images, err = ImageFiles([io.BytesIO(data)], self.gallery.image_size)[0]
+        if err:
+            raise BadRequest(413 if "DecompressionBomb" in err else 400, f"not a readable photo ({err})")
+        with self.model_lock:
+            q_emb = encode_query(self.model, self.tokenizer, images=images[None], flip=self.gallery.flip)
+        return self.search("upload", q_emb, k, text=False)
+
+    def photo_path(self, row):
+        """The real path of an indexed photo, or None: rows outside the index, and links that lead
+        out of the folder, are refused."""
+        ix = self.ix
+        if not 0 <= row < len(ix):
+            return None
+        path = os.path.realpath(os.path.join(ix.root, ix.paths[row]))
+        if os.path.commonpath([path, ix.root]) != ix.root or not os.path.isfile(path):
+            return None
+        return path
+
+    def thumbnail(self, path, size):
+        """JPEG bytes of the photo at most `size` pixels a side, kept in a memory LRU."""
+        st = os.stat(path)
+        key = (path, size, st.st_size, st.st_mtime_ns)
+        with self.thumb_lock:
+            if key in self.thumbs:
+                self.thumbs.move_to_end(key)
+                return self.thumbs[key]
+        img = open_rgb(path, size)
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        with self.thumb_lock:
+            self.thumbs[key] = buf.getvalue()
+            while len(self.thumbs) > THUMB_CACHE:
+                self.thumbs.popitem(last=False)
+        return buf.getvalue()
+
+
+def top_k(params):
+    try:
+        k = int(params.get("k", ["48"])[0])
+    except ValueError:
+        raise BadRequest(400, "k must be a whole number")
+    if not 1 <= k <= MAX_K:
+        raise BadRequest(400, f"k must be between 1 and {MAX_K}")
+    return k
+
+
+def row_number(text):
+    if not re.fullmatch(r"\d{1,9}", text or ""):
+        raise BadRequest(404, "no such photo")
+    return int(text)
+
+
+class Handler(BaseHTTPRequestHandler):
+    library = None  # set by make_server
+    server_version = "photo-search"
+
+    def log_message(self, *args):
+        pass  # a line per request would bury the indexing progress
+
+    def send(self, status, body, content_type, cache=False):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status, obj):
+        self.send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8")
+
+    def do_GET(self):
+        self.answer(self.get)
+
+    def do_POST(self):
+        self.answer(self.post)
+
+    def answer(self, route):
+        try:
+            route(urlsplit(self.path))
+        except BadRequest as e:
+            self.send_json(e.args[0], {"error": e.args[1]})
+        except Exception as e:  # a bug or a vanished file must not take the server down
+            log(f"error on {self.command} {readable(self.path)[:200]}: {type(e).__name__}: {e}")
+            self.send_json(500, {"error": f"{type(e).__name__}: {e}"})
+
+    def get(self, url):
+        params, lib = parse_qs(url.query), self.library
+        if url.path in ASSETS:
+            name = ASSETS[url.path]
+            with open(os.path.join(WEB, name), "rb") as f:
+                return self.send(200, f.read(), mimetypes.guess_type(name)[0] + "; charset=utf-8")
+        if url.path == "/api/search":
+            return self.send_json(200, lib.search_text(params.get("q", [""])[0], top_k(params)))
+        if url.path == "/api/like":
+            return self.send_json(200, lib.search_like(row_number(params.get("id", [""])[0]), top_k(params)))
+        if url.path == "/api/status":
+            return self.send_json(200, lib.status())
+        m = re.fullmatch(r"/(thumb|photo)/([^/]*)", url.path)
+        if m is None:
+            raise BadRequest(404, "not found")
+        path = lib.photo_path(row_number(m[2]))
+        if path is None:
+            raise BadRequest(404, "no such photo")
+        if m[1] == "photo":  # the original, asked for by name
+            with open(path, "rb") as f:
+                return self.send(200, f.read(), mimetypes.guess_type(path)[0] or "application/octet-stream")
+        size = THUMB_SIZES.get(params.get("size", ["small"])[0])
+        if size is None:
+            raise BadRequest(400, f"size must be one of {', '.join(THUMB_SIZES)}")
+        self.send(200, lib.thumbnail(path, size), "image/jpeg", cache=True)
+
+    def post(self, url):
+        if url.path == "/api/rescan":
+            started = self.library.rescan()
+            return self.send_json(202 if started else 200, {"started": started, **self.library.status()})
+        if url.path != "/api/image":
+            raise BadRequest(404, "not found")
+        k = top_k(parse_qs(url.query))
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise BadRequest(411, "send the photo as the request body, with its Content-Length")
+        if n > MAX_UPLOAD:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            raise BadRequest(413, f"photo too large: {n} bytes, at most {MAX_UPLOAD}")
+        if n <= 0:
+            raise BadRequest(400, "empty upload: choose a photo file")
+        self.send_json(200, self.library.search_image(self.rfile.read(n), k))
+
+
+def make_server(args):
+    """The server, listening, and its Library; the gallery's indexing has started."""
+    keep_freed_memory()
+    device = pick_device(args.device)
+    model, tokenizer, ckpt = load_model(args.checkpoint, device, plain_text=True)
+    library = Library(Gallery(args, model, tokenizer, ckpt), model, tokenizer)
+    handler = type("LibraryHandler", (Handler,), {"library": library})
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), handler)
+    except OSError as e:
+        raise SystemExit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); pass another --port.")
+    server.daemon_threads = True
+    library.rescan(library.gallery.scan())  # scanned here, so that a missing folder or dataset stops the start
+    return server, library
+
+
+def main(argv=None):
+    args = get_args(argv)
+    server, library = make_server(args)
+    host, port = server.server_address[:2]
+    if host not in ("127.0.0.1", "::1"):
+        log(f"WARNING: listening on {host}:{port}, not only on this computer: anyone who can reach it "
+            "can search and open the photos of this gallery.")
+    print(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        library.closing.set()
+        library.indexing.join()  # the index so far is saved: the next start goes on from there
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

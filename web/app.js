@@ -1,0 +1,105 @@
+"use strict";
+// The page's state is its URL: ?q=words or ?like=ROW, so a search can be shared and bookmarked.
+const $ = (id) => document.getElementById(id);
+let polling = false;
+
+async function getJSON(url, options) {
+  const r = await fetch(url, options);
+  const data = await r.json();
+  if (!r.ok) throw new Error(data.error || r.statusText);
+  return data;
+}
+
+function say(text, isError) {
+  $("message").textContent = text;
+  $("message").className = isError ? "error" : "";
+}
+
+function progress(s) {
+  const of = s.total === null ? "" : ` of ${s.total.toLocaleString()}`;
+  $("status").textContent = `${s.indexed.toLocaleString()}${of} photos indexed` +
+    (s.indexing ? " (indexing…)" : "") + (s.failed ? `, ${s.failed} unreadable` : "");
+  if (s.indexing && !polling) {
+    polling = true;
+    setTimeout(async () => { polling = false; progress(await getJSON("/api/status")); }, 1000);
+  }
+}
+
+function show(data, title) {
+  say(`${title}: ${data.results.length} of ${data.indexed.toLocaleString()} photos`);
+  const tiles = data.results.map((hit) => {
+    const fig = document.createElement("figure");
+    fig.className = "hit";
+    fig.title = hit.path;
+    const img = document.createElement("img");
+    img.src = `/thumb/${hit.id}`;
+    img.alt = hit.path;
+    img.dataset.id = hit.id;
+    img.addEventListener("click", () => go({ like: hit.id }));  // more like this
+    const cap = document.createElement("figcaption");
+    const open = document.createElement("button");
+    open.textContent = "Open";
+    open.addEventListener("click", () => view(hit));
+    cap.append(`#${hit.rank}  ${hit.score.toFixed(3)}`, open);
+    fig.append(img, cap);
+    return fig;
+  });
+  $("results").replaceChildren(...tiles);
+  progress(data);
+}
+
+async function run(params) {
+  try {
+    if (params.get("q")) {
+      $("q").value = params.get("q");
+      show(await getJSON(`/api/search?q=${encodeURIComponent(params.get("q"))}`), `"${params.get("q")}"`);
+    } else if (params.get("like")) {
+      show(await getJSON(`/api/like?id=${encodeURIComponent(params.get("like"))}`), `Photos like #${params.get("like")}`);
+    } else {
+      progress(await getJSON("/api/status"));
+    }
+  } catch (e) {
+    say(e.message, true);
+  }
+}
+
+function go(params) {
+  history.pushState(null, "", "?" + new URLSearchParams(params));
+  $("viewer").close();
+  run(new URLSearchParams(params));
+}
+
+function view(hit) {
+  $("large").src = `/thumb/${hit.id}?size=large`;
+  $("path").textContent = hit.path;
+  $("original").href = `/photo/${hit.id}`;
+  $("like").onclick = () => go({ like: hit.id });
+  $("viewer").showModal();
+}
+
+async function searchFile(file) {
+  if (!file) return;
+  history.pushState(null, "", location.pathname);
+  try {
+    show(await getJSON("/api/image", { method: "POST", body: file }), `Photos like ${file.name}`);
+  } catch (e) {
+    say(`${file.name}: ${e.message}`, true);
+  }
+}
+
+$("search").addEventListener("submit", (e) => {
+  e.preventDefault();
+  go({ q: $("q").value });
+});
+$("file").addEventListener("change", () => searchFile($("file").files[0]));
+$("close").addEventListener("click", () => $("viewer").close());
+$("rescan").addEventListener("click", async () => progress(await getJSON("/api/rescan", { method: "POST" })));
+document.body.addEventListener("dragover", (e) => { e.preventDefault(); document.body.classList.add("dragging"); });
+document.body.addEventListener("dragleave", () => document.body.classList.remove("dragging"));
+document.body.addEventListener("drop", (e) => {
+  e.preventDefault();
+  document.body.classList.remove("dragging");
+  searchFile(e.dataTransfer.files[0]);
+});
+window.addEventListener("popstate", () => run(new URLSearchParams(location.search)));
+run(new URLSearchParams(location.search));
