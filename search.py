@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from cli import non_negative_int, positive_int
 from dataset import IMAGE_EXTENSIONS, load_image, open_rgb
 from index import GalleryIndex, model_fingerprint, scan_folder
 from model import eval_image_size, load_model, pick_device
@@ -38,15 +39,15 @@ def get_args(argv=None):
     q.add_argument("--query", help="what to look for, in words")
     q.add_argument("--image", help="find the photos most like this photo")
     q.add_argument("--queries", help="text file of queries, one per line ('-': standard input); saves no grids")
-    p.add_argument("--top_k", type=int, default=9, help="how many photos to return per query")
+    p.add_argument("--top_k", type=positive_int, default=9, help="how many photos to return per query")
     p.add_argument("--json", action="store_true", help="print results as JSON (query, rank, path, score), no grid")
     # gallery
     p.add_argument("--images_dir", default=None, help="search this folder of photos (recursively) instead of Flickr8K")
     p.add_argument("--use_test_set", action="store_true", help="search only the test split's photos")
     p.add_argument("--data_dir", default=None, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--index_dir", default=None, help="where gallery indexes are kept (default: beside the checkpoint)")
-    p.add_argument("--batch_size", type=int, default=32, help="photos per encoding batch while indexing")
-    p.add_argument("--num_workers", type=int, default=2, help="processes decoding photos while indexing")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="photos per encoding batch while indexing")
+    p.add_argument("--num_workers", type=non_negative_int, default=2, help="processes decoding photos while indexing")
     # model
     p.add_argument("--checkpoint", default="models/best.pt", help="trained checkpoint")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
@@ -54,8 +55,6 @@ def get_args(argv=None):
     p.add_argument("--output_dir", default="results", help="where the result grid is saved")
     p.add_argument("--show", action="store_true", help="open the grid in a window")
     args = p.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
-        p.error("--top_k and --batch_size must be at least 1, --num_workers at least 0")
     if args.query is not None and not args.query.strip():
         p.error("--query is empty")
     if args.images_dir and args.use_test_set:
