@@ -16,8 +16,13 @@ import torch
 from atomic import atomic_path
 from model import DualEncoder, _first_line, _mismatch, load_tokenizer
 
+# The arguments of train.py that define a model and how evaluate.py and search.py use it: a
+# checkpoint's args hold them, and a resume rebuilds the run's model from them, whatever flags it
+# is given. Every checkpoint has MODEL_ARGS; LATER_MODEL_ARGS came later (older checkpoints lack
+# them, and read the defaults: model_from_args, eval_image_size).
 MODEL_ARGS = ("image_encoder", "text_encoder", "embedding_dim", "text_pooling", "temperature",
               "fixed_temperature", "image_size")
+LATER_MODEL_ARGS = ("no_pretrained", "image_weights", "text_config", "eval_image_size", "eval_flip", "querybank")
 
 
 def model_from_args(args, pretrained=None, text_tower=None):

@@ -19,6 +19,7 @@ import sys
 
 from atomic import atomic_write
 from checkpoint import eval_image_size, load_model
+from cli import non_negative_int, positive_int
 from model import keep_freed_memory, pick_device
 from retrieval import chance_recall, evaluate_split, format_metrics
 
@@ -28,11 +29,12 @@ def get_args(argv=None):
     p.add_argument("--checkpoint", default="models/best.pt", help="checkpoint to evaluate")
     p.add_argument("--data_dir", default=None, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
-    p.add_argument("--batch_size", type=int, default=64, help="images per encoding batch")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--batch_size", type=positive_int, default=64, help="images per encoding batch")
+    p.add_argument("--num_workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     # inference options; default: the checkpoint's, as search.py uses them (train.py's flags)
-    p.add_argument("--eval_image_size", type=int, default=0, help="photo side in pixels (0: the checkpoint's)")
+    p.add_argument("--eval_image_size", type=non_negative_int, default=0,
+                   help="photo side in pixels (0: the checkpoint's)")
     flip = p.add_mutually_exclusive_group()
     flip.add_argument("--eval_flip", action="store_true", default=None,
                       help="embed each photo and its mirror image, averaged")
@@ -42,10 +44,7 @@ def get_args(argv=None):
                     help="rank with querybank normalisation against the train split (see README, 'Results')")
     qb.add_argument("--no_querybank", dest="querybank", action="store_false", help="rank by cosine similarity")
     p.add_argument("--output_json", default=None, help="also write the metrics to this JSON file")
-    args = p.parse_args(argv)
-    if args.batch_size < 1 or args.num_workers < 0 or args.eval_image_size < 0:
-        p.error("--batch_size must be at least 1, --num_workers and --eval_image_size at least 0")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):

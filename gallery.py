@@ -13,6 +13,7 @@ import torch
 
 from atomic import atomic_path
 from checkpoint import eval_image_size
+from cli import non_negative_int, positive_int
 from dataset import read_captions
 from index import GalleryIndex, model_fingerprint, scan_folder
 from retrieval import caption_bank, encode_texts, querybank_bias
@@ -106,16 +107,16 @@ def add_gallery_args(p, batch_size, num_workers):
     p.add_argument("--use_test_set", action="store_true", help="search only the test split's photos")
     p.add_argument("--data_dir", default=None, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--index_dir", default=None, help="where gallery indexes are kept (default: beside the checkpoint)")
-    p.add_argument("--batch_size", type=int, default=batch_size, help="photos per encoding batch while indexing")
-    p.add_argument("--num_workers", type=int, default=num_workers, help="processes decoding photos while indexing")
+    p.add_argument("--batch_size", type=positive_int, default=batch_size,
+                   help="photos per encoding batch while indexing")
+    p.add_argument("--num_workers", type=non_negative_int, default=num_workers,
+                   help="processes decoding photos while indexing")
     # model
     p.add_argument("--checkpoint", default="models/best.pt", help="trained checkpoint")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
 
 
 def check_gallery_args(p, args):
-    if args.batch_size < 1 or args.num_workers < 0:
-        p.error("--batch_size must be at least 1, --num_workers at least 0")
     if args.images_dir and args.use_test_set:
         p.error("--use_test_set picks Flickr8K's test photos; it does not apply to --images_dir")
     if args.images_dir and not os.path.isdir(args.images_dir):

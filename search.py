@@ -21,6 +21,7 @@ import textwrap
 import warnings
 
 from checkpoint import eval_image_size, load_model
+from cli import positive_int
 from dataset import IMAGE_EXTENSIONS, open_rgb, read_image
 from gallery import (
     Gallery,
@@ -45,7 +46,7 @@ def get_args(argv=None):
     q.add_argument("--query", help="what to look for, in words")
     q.add_argument("--image", help="find the photos most like this photo")
     q.add_argument("--queries", help="text file of queries, one per line ('-': standard input); saves no grids")
-    p.add_argument("--top_k", type=int, default=9, help="how many photos to return per query")
+    p.add_argument("--top_k", type=positive_int, default=9, help="how many photos to return per query")
     p.add_argument("--json", action="store_true", help="print results as JSON (query, rank, path, score), no grid")
     add_gallery_args(p, batch_size=32, num_workers=2)
     # output
@@ -53,8 +54,6 @@ def get_args(argv=None):
     p.add_argument("--show", action="store_true", help="open the grid in a window")
     args = p.parse_args(argv)
     check_gallery_args(p, args)
-    if args.top_k < 1:
-        p.error("--top_k must be at least 1")
     if args.query is not None and not args.query.strip():
         p.error("--query is empty")
     if args.image and not os.path.isfile(args.image):

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -26,28 +25,33 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from atomic import atomic_write
-from checkpoint import eval_image_size, load_weights, model_from_args, read_checkpoint, save_checkpoint
+from checkpoint import (
+    LATER_MODEL_ARGS,
+    MODEL_ARGS,
+    eval_image_size,
+    load_weights,
+    model_from_args,
+    read_checkpoint,
+    save_checkpoint,
+)
+from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import AugmentedImages, Collate, PairDataset, read_captions
+from interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import gather_batch, info_nce, keep_freed_memory, load_tokenizer, pick_device
 from retrieval import evaluate_split, format_metrics
 
 
-class ArgParser(argparse.ArgumentParser):
-    def convert_arg_line_to_args(self, line):
-        # Flag files (@configs/offline.txt) hold "--flag value" per line and # comments.
-        return line.split("#", 1)[0].split()
-
-
 def get_args(argv=None):
-    p = ArgParser(description=__doc__, fromfile_prefix_chars="@",
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Longer than a screen, as a list: one line per flag, then the checks that span flags (a
+    # number's range is its type's, in cli.py).
+    p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     p.add_argument("--data_dir", default="data/flickr8k", help="output of preprocess_flickr8k.py")
     p.add_argument("--model_dir", default="models", help="where checkpoints and logs go")
-    p.add_argument("--image_size", type=int, default=224, help="image side in pixels")
-    p.add_argument("--num_workers", type=int, default=4,
+    p.add_argument("--image_size", type=positive_int, default=224, help="image side in pixels")
+    p.add_argument("--num_workers", type=non_negative_int, default=4,
                    help="DataLoader worker processes (with --image_cache_views: caching and validation only)")
-    p.add_argument("--eval_image_size", type=int, default=0,
+    p.add_argument("--eval_image_size", type=non_negative_int, default=0,
                    help="photo side for validation, evaluate.py and search.py (0: --image_size); see README")
     p.add_argument("--eval_flip", action="store_true",
                    help="validation, evaluate.py and search.py embed each photo and its mirror image, averaged")
@@ -60,54 +64,43 @@ def get_args(argv=None):
     p.add_argument("--text_encoder", default="distilbert-base-uncased",
                    help="Hugging Face encoder name or local folder")
     p.add_argument("--text_pooling", default="cls", choices=["cls", "mean"], help="text pooling")
-    p.add_argument("--embedding_dim", type=int, default=512, help="joint embedding size")
+    p.add_argument("--embedding_dim", type=positive_int, default=512, help="joint embedding size")
     p.add_argument("--no_pretrained", action="store_true", help="random-init towers (no downloads)")
     p.add_argument("--image_weights", default=None, help="local state dict for the image tower")
     p.add_argument("--freeze_image", action="store_true", help="keep the image tower fixed (LiT)")
-    p.add_argument("--freeze_image_blocks", type=int, default=0,
+    p.add_argument("--freeze_image_blocks", type=non_negative_int, default=0,
                    help="keep the stem and the first N blocks of efficientnet_lite0 fixed")
-    p.add_argument("--image_cache_views", type=int, default=0,
+    p.add_argument("--image_cache_views", type=non_negative_int, default=0,
                    help="precompute the frozen blocks' output for N augmented views of each "
                         "photo once, and train the rest of the image tower on them (0: off)")
-    p.add_argument("--freeze_text_layers", type=int, default=-1,
+    p.add_argument("--freeze_text_layers", type=int_at_least(-1), default=-1,
                    help="keep the word embeddings and the first N text layers fixed (-1: none)")
-    p.add_argument("--temperature", type=float, default=0.07, help="initial softmax temperature")
+    p.add_argument("--temperature", type=positive_float, default=0.07, help="initial softmax temperature")
     p.add_argument("--fixed_temperature", action="store_true", help="do not learn the temperature")
     p.add_argument("--no_same_image_mask", action="store_true",
                    help="treat other captions of the same photo in a batch as negatives")
     # optim
-    p.add_argument("--batch_size", type=int, default=32, help="pairs per step (per process under torchrun)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate of the towers")
-    p.add_argument("--image_lr", type=float, default=0.0,
+    p.add_argument("--batch_size", type=positive_int, default=32,
+                   help="pairs per step (per process under torchrun)")
+    p.add_argument("--lr", type=non_negative_float, default=5e-5, help="peak learning rate of the towers")
+    p.add_argument("--image_lr", type=non_negative_float, default=0.0,
                    help="peak learning rate of the image tower (0: --lr)")
-    p.add_argument("--head_lr", type=float, default=1e-3,
+    p.add_argument("--head_lr", type=non_negative_float, default=1e-3,
                    help="peak learning rate of the projection heads and temperature")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--epochs", type=int, default=20, help="passes over the training captions")
-    p.add_argument("--captions_per_image", type=int, default=0,
+    p.add_argument("--weight_decay", type=non_negative_float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--epochs", type=positive_int, default=20, help="passes over the training captions")
+    p.add_argument("--captions_per_image", type=non_negative_int, default=0,
                    help="captions of each photo per epoch, drawn at random (0: all)")
-    p.add_argument("--warmup_steps", type=int, default=200, help="linear warm-up, then cosine decay")
-    p.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")
+    p.add_argument("--warmup_steps", type=non_negative_int, default=200,
+                   help="linear warm-up, then cosine decay")
+    p.add_argument("--max_steps", type=non_negative_int, default=0, help="stop after this many steps (0: no limit)")
     # run
-    p.add_argument("--save_every", type=int, default=5, help="keep checkpoint_epoch_N.pt every N epochs")
+    p.add_argument("--save_every", type=positive_int, default=5, help="keep checkpoint_epoch_N.pt every N epochs")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("--no_amp", action="store_true", help="fp32 everywhere (no bf16 autocast)")
     p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--resume", action="store_true", help="continue from <model_dir>/last.pt")
     args = p.parse_args(argv)
-    for name in ("batch_size", "epochs", "embedding_dim", "image_size", "save_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if min(args.num_workers, args.max_steps, args.warmup_steps, args.eval_image_size) < 0:
-        p.error("--num_workers, --max_steps, --warmup_steps and --eval_image_size cannot be negative")
-    if not 0 < args.temperature < math.inf:  # also refuses nan
-        p.error("--temperature must be a positive number")
-    if not all(0 <= x < math.inf for x in (args.lr, args.image_lr, args.head_lr, args.weight_decay)):
-        p.error("--lr, --image_lr, --head_lr and --weight_decay must be non-negative numbers")
-    if min(args.captions_per_image,
-           args.freeze_image_blocks, args.image_cache_views, args.freeze_text_layers + 1) < 0:
-        p.error("--captions_per_image, --freeze_image_blocks and --image_cache_views cannot be negative "
-                "(--freeze_text_layers: -1 or more)")
     if args.freeze_image_blocks and args.image_encoder != "efficientnet_lite0":
         p.error("--freeze_image_blocks needs --image_encoder efficientnet_lite0")
     if args.freeze_image_blocks > 16:
@@ -176,9 +169,10 @@ def cache_image_trunk(model, train_set, n_blocks, views, batch_size, num_workers
     cache = None
     for v in range(views):
         loader = DataLoader(AugmentedImages(train_set, v), batch_size=batch_size, num_workers=num_workers,
-                            worker_init_fn=_ignore_sigterm)
+                            worker_init_fn=ignore_sigterm)
         start = 0
-        for images in tqdm(loader, desc=f"caching image features, view {v + 1}/{views}", unit="batch"):
+        for images in tqdm(held(loader), desc=f"caching image features, view {v + 1}/{views}", unit="batch",
+                           total=len(loader)):
             feats = model.image_trunk(images.to(device), n_blocks).float().cpu()  # (B, C, h, w)
             if cache is None:
                 cache = torch.empty((views, len(train_set.images), *feats.shape[1:]), dtype=torch.float16)
@@ -215,27 +209,10 @@ def plot_curves(history, path):
     plt.close(fig)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a scheduler's time limit, `docker stop`), handled like Ctrl-C."""
-
-
-def _terminate(signum, frame):
-    raise Terminated
-
-
-def _ignore_sigterm(worker_id):
-    # DataLoader workers: a SIGTERM sent to the whole process group must not kill them before the
-    # main process has saved (their death would surface as a RuntimeError, not as Terminated).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def main(argv=None):
     args = get_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
+    with stop_signals():
         return _main(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args):
@@ -257,41 +234,93 @@ def _main(args):
 
 
 def run(args, device):
+    """Build, then train epoch after epoch; Ctrl-C or SIGTERM save last.pt with the position within
+    the epoch. Returns the exit status: 0, or 130 (Ctrl-C) and 143 (SIGTERM) as a shell reports them."""
     ddp = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    rank, world = rank_and_world()
     master = rank == 0  # the one process that validates, logs and writes files
-    log = print if master else lambda *a, **k: None
     torch.manual_seed(args.seed + rank)  # dropout differs per process; DDP copies rank 0's weights
+    train_set, pairs_per_epoch, steps_per_epoch, total_steps = build_data(args, world)
+    model, model_args, tokenizer, optimizer, state = build_model(args, device, master)
+    # DDP averages gradients across processes in backward (model.gather_batch explains why that
+    # mean is the gradient of the global batch). static_graph: a text tower with a pooler (BERT)
+    # computes weights no loss uses; DDP finds them once rather than failing at the second step.
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              static_graph=True) if ddp else model
+    trunk_cache = None
+    if args.image_cache_views:
+        trunk_cache = cache_image_trunk(model, train_set, args.freeze_image_blocks,
+                                        args.image_cache_views, 64, args.num_workers, device)
+    # With the feature cache the loader only tokenizes captions (0.1 s of a 5 s step at batch 512
+    # on 2 cores): no workers. A worker forked after the first epoch shares the pages of the
+    # activations the last step freed, and each page training writes into again gets copied: a
+    # 15 GB process (batch 512) then needs up to twice that (the kernel killed one on 23 GB).
+    loader_workers = 0 if trunk_cache is not None else args.num_workers
+    collate = Collate(tokenizer)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if master:
+        print(f"training on {device}{f' x {world} processes' if ddp else ''}: {pairs_per_epoch} pairs/epoch, "
+              f"{steps_per_epoch} steps/epoch of {world * args.batch_size} pairs, {total_steps} steps, "
+              f"{n_params / 1e6:.1f}M trainable parameters")
+    last_path = os.path.join(args.model_dir, "last.pt")
+    try:
+        while state["epoch"] < args.epochs and state["step"] < total_steps:
+            loader = epoch_loader(train_set, collate, state, args, loader_workers, device)
+            loss, pairs_per_s = train_epoch(net, loader, optimizer, state, args, device, total_steps, trunk_cache)
+            if master:
+                end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss, pairs_per_s)
+            else:
+                state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
+            if ddp:
+                dist.barrier()  # the others wait while rank 0 validates and saves
+    except KeyboardInterrupt as e:
+        # Keep what was learned: weights, optimizer and the position within the epoch.
+        if master:
+            save(last_path, model, model_args, state, optimizer)
+            print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: saved {last_path} "
+                  f"(epoch {state['epoch'] + 1}, step {state['step']}); continue with --resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as a shell reports it
+    if state["history"]:
+        print(format_metrics(max(state["history"], key=lambda h: h["val"]["rsum"])["val"]))
+    return 0
+
+
+def build_data(args, world):
+    """The training split, checked against the batch of all `world` processes. Returns (train_set,
+    pairs_per_epoch, steps_per_epoch, total_steps)."""
     os.makedirs(args.model_dir, exist_ok=True)
     last_path = os.path.join(args.model_dir, "last.pt")
     if os.path.exists(last_path) and not args.resume:
         raise SystemExit(f"error: {last_path} exists; pass --resume to continue that run, or "
                          "choose another --model_dir (nothing is overwritten).")
-
     train_set = PairDataset(args.data_dir, "train", args.image_size, augment=True, seed=args.seed,
                             with_images=not args.image_cache_views)
     read_captions(args.data_dir, "val")  # fail now, not after the first epoch, if there is no val split
     pairs_per_epoch = len(epoch_order(train_set.image_ids, args.seed, 0, args.captions_per_image))
     steps_per_epoch = pairs_per_epoch // (world * args.batch_size)
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: --batch_size {args.batch_size}{f' x {world} processes' if ddp else ''} is larger "
-                         f"than the training split ({pairs_per_epoch} pairs per epoch); use a smaller batch.")
-    if ddp and args.image_cache_views:
+        raise SystemExit(f"error: --batch_size {args.batch_size}{f' x {world} processes' if world > 1 else ''} is "
+                         f"larger than the training split ({pairs_per_epoch} pairs per epoch); use a smaller batch.")
+    if world > 1 and args.image_cache_views:
         raise SystemExit("error: --image_cache_views trains on one process only; drop it under torchrun.")
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
+    return train_set, pairs_per_epoch, steps_per_epoch, total_steps
 
+
+def build_model(args, device, master):
+    """The model, its args as checkpoints record them, tokenizer, optimizer and training state,
+    from <model_dir>/last.pt when resuming. Returns (model, model_args, tokenizer, optimizer, state)."""
+    last_path = os.path.join(args.model_dir, "last.pt")
     ckpt = read_checkpoint(last_path) if args.resume and os.path.exists(last_path) else None
-    if args.resume and ckpt is None:
-        log(f"no {last_path} to resume from; starting a new run")
+    if args.resume and ckpt is None and master:
+        print(f"no {last_path} to resume from; starting a new run")
     model_args = {**vars(args), "amp": not args.no_amp}
     if ckpt is not None:
         # The model is rebuilt as it was trained, inference options included (so validation stays
-        # comparable across the resume); flags given now only steer the schedule.
-        model_args.update({k: ckpt["args"][k] for k in ckpt["args"] if k.startswith(("image_", "text_", "eval_"))
-                           or k in ("embedding_dim", "temperature", "fixed_temperature", "no_pretrained",
-                                    "querybank")})
+        # comparable across the resume); flags given now only steer training.
+        model_args.update({k: ckpt["args"][k] for k in MODEL_ARGS + LATER_MODEL_ARGS if k in ckpt["args"]})
     model = model_from_args(model_args, pretrained=None if ckpt is None else False).to(device)
     if args.freeze_image:
         model.image_tower.requires_grad_(False)
@@ -303,7 +332,6 @@ def run(args, device):
     optimizer = torch.optim.AdamW(param_groups(model, args))
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
-
     # Everything a resume needs besides weights and optimizer. `epoch` counts finished epochs;
     # `epoch_step` counts the batches of the current one already trained.
     state = {"epoch": 0, "step": 0, "epoch_step": 0, "best_rsum": -1.0, "history": []}
@@ -317,93 +345,73 @@ def run(args, device):
             raise SystemExit(f"error: cannot resume from {last_path} ({type(e).__name__}: {e}): it is not a "
                              "training checkpoint of this train.py, or the run used another --freeze_image. "
                              "Resume with the run's own flags, or start a new --model_dir.")
-        log(f"resumed from {last_path}: epoch {state['epoch']}, step {state['step']}")
-    # DDP averages gradients across processes in backward (model.gather_batch explains why that
-    # mean is the gradient of the global batch). static_graph: a text tower with a pooler (BERT)
-    # computes weights no loss uses; DDP finds them once rather than failing at the second step.
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              static_graph=True) if ddp else model
-
-    def save(path, resumable=True):
-        # Never let a diverged model replace a good checkpoint (the loss check misses NaN gradients).
-        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-            raise SystemExit(f"error: the weights became NaN or infinite by step {state['step']}; "
-                             f"stopping without saving them ({kept(last_path)}). Try a lower --lr.")
-        metrics = state["history"][-1]["val"] if state["history"] else None
-        # best.pt is for evaluate.py and search.py: without AdamW's moments it is about half the
-        # size, and every cold search.py call reads it.
-        save_checkpoint(path, model, model_args, state["epoch"], metrics, optimizer if resumable else None,
-                        rng_state=torch.get_rng_state(), **{k: v for k, v in state.items() if k != "epoch"})
-
-    collate = Collate(tokenizer)
-    trunk_cache = None
-    if args.image_cache_views:
-        trunk_cache = cache_image_trunk(model, train_set, args.freeze_image_blocks,
-                                             args.image_cache_views, 64, args.num_workers, device)
-    # With the feature cache the loader only tokenizes captions (0.1 s of a 5 s step at batch 512
-    # on 2 cores): no workers. A worker forked after the first epoch shares the pages of the
-    # activations the last step freed, and each page training writes into again gets copied: a
-    # 15 GB process (batch 512) then needs up to twice that (the kernel killed one on 23 GB).
-    loader_workers = 0 if trunk_cache is not None else args.num_workers
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"training on {device}{f' x {world} processes' if ddp else ''}: {pairs_per_epoch} pairs/epoch, "
-        f"{steps_per_epoch} steps/epoch of {world * args.batch_size} pairs, {total_steps} steps, "
-        f"{n_params / 1e6:.1f}M trainable parameters")
-    try:
-        while state["epoch"] < args.epochs and state["step"] < total_steps:
-            epoch = state["epoch"]
-            train_set.epoch = epoch
-            # Sharding our own permutation (not DistributedSampler) keeps a mid-epoch resume exact.
-            order = epoch_order(train_set.image_ids, args.seed, epoch, args.captions_per_image)
-            order = shard_order(order, args.batch_size, rank, world)
-            order = order[state["epoch_step"] * args.batch_size:]
-            loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order, drop_last=True,
-                                collate_fn=collate, num_workers=loader_workers,
-                                pin_memory=device.type == "cuda", worker_init_fn=_ignore_sigterm)
-            loss, pairs_per_s = train_epoch(net, loader, optimizer, state, args, device, total_steps,
-                                            steps_per_epoch, last_path, trunk_cache)
-            if not master:
-                state["epoch"], state["epoch_step"] = epoch + 1, 0
-                dist.barrier()  # wait while rank 0 validates and saves
-                continue
-            metrics = evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(model_args),
-                                     device, num_workers=min(args.num_workers, 2), flip=model_args["eval_flip"])
-            state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": loss,
-                                     "pairs_per_s": pairs_per_s,
-                                     "logit_scale": model.logit_scale.exp().item(), "val": metrics})
-            improved = metrics["rsum"] > state["best_rsum"]
-            state["best_rsum"] = max(state["best_rsum"], metrics["rsum"])
-            # Until here a Ctrl-C saves (epoch, all its steps done): a resume goes straight to validation.
-            state["epoch"], state["epoch_step"] = epoch + 1, 0
-            save(last_path)
-            if improved:
-                save(os.path.join(args.model_dir, "best.pt"), resumable=False)
-            if (epoch + 1) % args.save_every == 0:
-                save(os.path.join(args.model_dir, f"checkpoint_epoch_{epoch + 1}.pt"))
-            with atomic_write(os.path.join(args.model_dir, "metrics.jsonl")) as f:
-                f.writelines(json.dumps(h) + "\n" for h in state["history"])
-            plot_curves(state["history"], os.path.join(args.model_dir, "training_curves.png"))
-            print(f"epoch {epoch + 1} | loss {loss:.3f} | val R@1 t2i {metrics['t2i']['R@1']:.1f} "
-                  f"i2t {metrics['i2t']['R@1']:.1f} | rsum {metrics['rsum']:.1f}"
-                  f"{' (best)' if improved else ''} | {pairs_per_s:.0f} pairs/s")
-            if ddp:
-                dist.barrier()
-    except KeyboardInterrupt as e:
-        # Keep what was learned: weights, optimizer and the position within the epoch.
         if master:
-            save(last_path)
-            print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: saved {last_path} "
-                  f"(epoch {state['epoch'] + 1}, step {state['step']}); continue with --resume", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as a shell reports it
-    if state["history"]:
-        print(format_metrics(max(state["history"], key=lambda h: h["val"]["rsum"])["val"]))
-    return 0
+            print(f"resumed from {last_path}: epoch {state['epoch']}, step {state['step']}")
+    return model, model_args, tokenizer, optimizer, state
+
+
+def rank_and_world():
+    """(this process's rank, number of processes) under torchrun, (0, 1) without."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def epoch_loader(train_set, collate, state, args, num_workers, device):
+    """The DataLoader of the rest of epoch state["epoch"]: this process's share of its pairs."""
+    rank, world = rank_and_world()
+    train_set.epoch = state["epoch"]
+    # Sharding our own permutation (not DistributedSampler) keeps a mid-epoch resume exact.
+    order = epoch_order(train_set.image_ids, args.seed, state["epoch"], args.captions_per_image)
+    order = shard_order(order, args.batch_size, rank, world)
+    order = order[state["epoch_step"] * args.batch_size:]
+    return DataLoader(train_set, batch_size=args.batch_size, sampler=order, drop_last=True,
+                      collate_fn=collate, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
+
+
+def end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss, pairs_per_s):
+    """Validate the epoch just trained, record it in state["history"], save the checkpoints, write
+    metrics.jsonl and the curves, print one line (rank 0 only)."""
+    epoch = state["epoch"]
+    metrics = evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(model_args),
+                             device, num_workers=min(args.num_workers, 2), flip=model_args.get("eval_flip", False))
+    state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": loss, "pairs_per_s": pairs_per_s,
+                             "logit_scale": model.logit_scale.exp().item(), "val": metrics})
+    improved = metrics["rsum"] > state["best_rsum"]
+    state["best_rsum"] = max(state["best_rsum"], metrics["rsum"])
+    # Until here a Ctrl-C saves (epoch, all its steps done): a resume goes straight to validation.
+    state["epoch"], state["epoch_step"] = epoch + 1, 0
+    save(os.path.join(args.model_dir, "last.pt"), model, model_args, state, optimizer)
+    if improved:
+        save(os.path.join(args.model_dir, "best.pt"), model, model_args, state)
+    if (epoch + 1) % args.save_every == 0:
+        save(os.path.join(args.model_dir, f"checkpoint_epoch_{epoch + 1}.pt"), model, model_args, state, optimizer)
+    with atomic_write(os.path.join(args.model_dir, "metrics.jsonl")) as f:
+        f.writelines(json.dumps(h) + "\n" for h in state["history"])
+    plot_curves(state["history"], os.path.join(args.model_dir, "training_curves.png"))
+    print(f"epoch {epoch + 1} | loss {loss:.3f} | val R@1 t2i {metrics['t2i']['R@1']:.1f} "
+          f"i2t {metrics['i2t']['R@1']:.1f} | rsum {metrics['rsum']:.1f}"
+          f"{' (best)' if improved else ''} | {pairs_per_s:.0f} pairs/s")
+
+
+def save(path, model, model_args, state, optimizer=None):
+    """A checkpoint of the run; without the optimizer (best.pt) it cannot be resumed from.
+    best.pt is for evaluate.py and search.py: without AdamW's moments it is about half the size,
+    and every cold search.py call reads it."""
+    # Never let a diverged model replace a good checkpoint (the loss check misses NaN gradients).
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise SystemExit(f"error: the weights became NaN or infinite by step {state['step']}; "
+                         f"stopping without saving them ({kept(os.path.dirname(path))}). Try a lower --lr.")
+    metrics = state["history"][-1]["val"] if state["history"] else None
+    save_checkpoint(path, model, model_args, state["epoch"], metrics, optimizer,
+                    rng_state=torch.get_rng_state(), **{k: v for k, v in state.items() if k != "epoch"})
 
 
 def batch_loss(net, batch, device, same_image_mask=True, trunk_feats=None, n_blocks=0):
     """InfoNCE of one batch; under torchrun, of the global batch of every process.
     trunk_feats: the frozen image blocks' cached output for this batch, standing in for the photos
-    (single process only, checked in run())."""
+    (single process only, checked in build_data())."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     attention_mask = batch["attention_mask"].to(device, non_blocking=True)
     if trunk_feats is None:
@@ -418,8 +426,15 @@ def batch_loss(net, batch, device, same_image_mask=True, trunk_feats=None, n_blo
     return info_nce(img_emb, txt_emb, scale, same)
 
 
-def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_per_epoch, last_path,
-                trunk_cache=None):
+def optimizer_step(model, optimizer, loss):
+    """Backward and one AdamW step; the learned temperature is clamped after it."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    model.clamp_logit_scale()
+
+
+def train_epoch(net, loader, optimizer, state, args, device, total_steps, trunk_cache=None):
     """One pass over `loader`; updates state["step"] and state["epoch_step"] after every step.
     `net` is the model, or its DDP wrapper under torchrun. trunk_cache: cache_image_trunk's output,
     which then stands in for the photos. Returns (mean loss, global pairs per second)."""
@@ -430,8 +445,9 @@ def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_
         model.image_tower.eval()  # frozen BatchNorm statistics too
     for m in frozen_modules(model, args):
         m.eval()
-    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{args.epochs}", unit="batch", leave=False,
-               initial=state["epoch_step"], total=steps_per_epoch, disable=world > 1 and dist.get_rank() > 0)
+    bar = tqdm(held(loader), desc=f"epoch {state['epoch'] + 1}/{args.epochs}", unit="batch", leave=False,
+               initial=state["epoch_step"], total=state["epoch_step"] + len(loader),
+               disable=world > 1 and dist.get_rank() > 0)
     t0, pairs, losses = time.time(), 0, []
     for batch in bar:
         for g in optimizer.param_groups:
@@ -445,11 +461,8 @@ def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_
         loss = batch_loss(net, batch, device, not args.no_same_image_mask, feats, args.freeze_image_blocks)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss became {loss.item()} at step {state['step']}; stopping "
-                             f"({kept(last_path)}). Try a lower --lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.clamp_logit_scale()
+                             f"({kept(args.model_dir)}). Try a lower --lr.")
+        optimizer_step(model, optimizer, loss)
         state["step"] += 1
         state["epoch_step"] += 1
         pairs += len(batch["image_ids"]) * world
@@ -461,7 +474,8 @@ def train_epoch(net, loader, optimizer, state, args, device, total_steps, steps_
     return sum(losses) / max(len(losses), 1), pairs / max(time.time() - t0, 1e-9)
 
 
-def kept(last_path):
+def kept(model_dir):
+    last_path = os.path.join(model_dir, "last.pt")
     return f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) else "no checkpoint yet"
 
 

@@ -49,7 +49,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_photos(folder, n):
+def make_images(folder, n):
     rng = np.random.default_rng(0)
     for i in range(n):
         arr = np.empty((96, 128, 3), dtype=np.uint8)
@@ -100,7 +100,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         photos = os.path.join(tmp, "photos")
         os.makedirs(photos)
-        make_photos(photos, args.photos)
+        make_images(photos, args.photos)
         serve_args = serve.get_args(["--checkpoint", args.checkpoint, "--images_dir", photos, "--index_dir", tmp,
                                      "--port", "0"])
         prefill_index(serve_args, args.photos - args.new)

@@ -1,4 +1,5 @@
-"""bench.py end to end on tiny settings: the JSON has its keys and every figure is a positive number.
+"""benchmarks/bench.py end to end on tiny settings: the JSON has its keys and every figure is a positive
+number, and our pipeline's training step is train.py's.
 
 No timing is asserted: tests share machines, and speed is what bench.py reports, not what it tests.
 """
@@ -6,8 +7,15 @@ No timing is asserted: tests share machines, and speed is what bench.py reports,
 import json
 import math
 import os
+import sys
 
-import bench
+import pytest
+
+import train
+
+# On sys.path, not loaded from its file: the processes bench.py spawns import it by name.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench  # noqa: E402
 
 
 def test_quick_bench_writes_finite_positive_figures(tiny_data, tmp_path, capsys):
@@ -37,3 +45,27 @@ def test_real_data_dir_and_no_baseline(tiny_data, tmp_path):
     r = json.loads(out.read_text())
     assert r["train_pairs_per_s"] > 0 and "train_ratio" not in r and "train_pairs_per_s_baseline" not in r
 
+
+
+def test_our_training_step_is_train_py_s(tiny_data, monkeypatch):
+    """measure_train runs train.batch_loss and train.optimizer_step on each of its batches."""
+    calls = []
+    for name in ("batch_loss", "optimizer_step"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    args = bench.get_args(["--device", "cpu", "--text_encoder", os.path.join(tiny_data, "text_encoder"),
+                           "--image_size", "32", "--batch_size", "4", "--steps", "2", "--warmup", "1",
+                           "--num_workers", "0"])
+    out = bench.measure_train(args, train.pick_device("cpu"), tiny_data, naive=False)
+    assert calls == ["batch_loss", "optimizer_step"] * 3 and out["pairs_per_s"] > 0
+    calls.clear()
+    bench.measure_train(args, train.pick_device("cpu"), tiny_data, naive=True)
+    assert calls == ["optimizer_step"] * 3  # the naive baseline computes its own loss
+
+
+@pytest.mark.parametrize("flag, value", [("--batch_size", "0"), ("--steps", "-1"), ("--warmup", "-1"),
+                                         ("--rounds", "x")])
+def test_bad_numbers_are_argparse_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.get_args([flag, value])
+    assert e.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from tiny import train_argv
 import checkpoint
 import dataset
 import evaluate
+import interrupt
 import model
 import preprocess_flickr8k as pf
 import train
@@ -142,6 +143,74 @@ def test_sigterm_to_the_process_group_saves_like_ctrl_c(tiny_data, tmp_path):
     assert "terminated: saved" in err and "continue with --resume" in err
     ck = checkpoint.read_checkpoint(str(run / "last.pt"))
     assert ck["epoch"] == 0 and 1 <= ck["epoch_step"] < 15
+
+
+# The whole process group gets the signal the moment the first DataLoader worker is forked: before
+# that worker has run a line of its own, while the main process is still starting the other one.
+AT_FIRST_FORK = """import os, sys, train
+sent = []
+def send():
+    if not sent:
+        sent.append(os.killpg(0, {sig}))
+os.register_at_fork(after_in_parent=send)
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig, status, said", [(signal.SIGTERM, 143, "terminated"),
+                                              (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_as_the_epoch_starts_its_workers_saves_too(tiny_data, tmp_path, sig, status, said):
+    run = tmp_path / "run"
+    argv = fast_argv(tiny_data, run, "--epochs", "1", "--num_workers", "2")
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.run([sys.executable, "-c", AT_FIRST_FORK.format(sig=int(sig)), *map(str, argv)],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, timeout=300)
+    err = (tmp_path / "err").read_text()
+    assert proc.returncode == status and "Traceback" not in err and "Error" not in err, err
+    assert f"{said}: saved" in err
+    ck = checkpoint.read_checkpoint(str(run / "last.pt"))
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (0, 0, 0)
+
+
+def blocked_in_a_child():
+    """The signals blocked in a process forked now."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, " ".join(str(int(s)) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])).encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        return {int(s) for s in f.read().split()}
+
+
+def test_workers_forked_while_training_never_see_ctrl_c_or_sigterm():
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with interrupt.stop_signals():
+        assert {signal.SIGINT, signal.SIGTERM} <= blocked_in_a_child()
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the main process still gets them
+    assert not {signal.SIGINT, signal.SIGTERM} & blocked_in_a_child()  # only while train.py trains
+
+
+def test_a_signal_while_a_batch_is_fetched_is_raised_once_it_is_in():
+    fetched = []
+
+    class Loader:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            fetched.append(sum(range(1000)))  # Python runs the handler before this line
+            return fetched[-1]
+    with interrupt.stop_signals(), pytest.raises(interrupt.Terminated):
+        next(interrupt.held(Loader()))
+    assert fetched == [499500]
+    with interrupt.stop_signals(), pytest.raises(KeyboardInterrupt):  # and at once outside held()
+        os.kill(os.getpid(), signal.SIGINT)
+        fetched.append(0)
+    assert fetched == [499500]
 
 
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py", "search.py"])

@@ -197,12 +197,16 @@ def test_resume_at_epoch_boundary_gives_the_same_weights(tiny_data, tmp_path, mo
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
 
 
-def test_resume_keeps_the_inference_options_of_the_run(tiny_data, tmp_path):
+def test_resume_keeps_the_model_and_inference_options_of_the_run(tiny_data, tmp_path):
     opts = ("--eval_image_size", "72", "--eval_flip", "--querybank")
     assert train.main(train_argv(tiny_data, tmp_path, "--epochs", "1", *opts)) == 0
-    assert train.main(train_argv(tiny_data, tmp_path, "--epochs", "2", "--resume")) == 0  # flags not repeated
+    # Flags not repeated, or other ones: the model is the run's; only training follows the new flags.
+    other = ("--embedding_dim", "16", "--text_pooling", "mean", "--temperature", "0.5", "--eval_image_size", "96",
+             "--lr", "3e-3")
+    assert train.main(train_argv(tiny_data, tmp_path, "--epochs", "2", "--resume", *other)) == 0
     args = torch.load(tmp_path / "last.pt", weights_only=True)["args"]
     assert (args["eval_image_size"], args["eval_flip"], args["querybank"]) == (72, True, True)
+    assert (args["embedding_dim"], args["text_pooling"], args["temperature"], args["lr"]) == (32, "cls", 0.07, 3e-3)
 
 
 def test_ctrl_c_mid_epoch_saves_position_and_resume_finishes(tiny_data, tmp_path, monkeypatch):

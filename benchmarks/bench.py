@@ -1,12 +1,12 @@
 """Speed of the real pipeline against a naive one, side by side, on this machine's device.
 
-    python bench.py                                         # auto device, synthetic photos, a few minutes
-    python bench.py --data_dir data/flickr8k --json results/bench.json
-    python bench.py --device cuda --batch_size 512 --quick  # what benchmarks/gpu.sh runs
+    python benchmarks/bench.py                          # auto device, synthetic photos, a few minutes
+    python benchmarks/bench.py --data_dir data/flickr8k --json results/bench.json
+    python benchmarks/bench.py --device cuda --batch_size 512 --quick  # what benchmarks/gpu.sh runs
 
 Measures training pairs/s (the full step: data loading, both towers, loss, AdamW), gallery encoding
 images/s, one-query search latency (warm p50/p95) and peak memory, for two pipelines:
-  ours   the repo's code: photos decoded once into the uint8 cache, captions tokenized per batch and
+  ours   the repo's code (train.py's step): photos decoded once into the uint8 cache, captions tokenized per batch and
          padded to the batch's longest, model.autocast's policy, channels_last image tower,
          normalisation on the device, an allocator that keeps freed memory, the gallery encoded
          in batches of 64 and searched with one matrix product.
@@ -36,9 +36,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-import dataset
-import model as M
-from retrieval import encode_image_dataset, encode_texts
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dataset  # noqa: E402
+import model as M  # noqa: E402
+import train  # noqa: E402
+from cli import non_negative_int, positive_int  # noqa: E402
+from retrieval import encode_image_dataset, encode_texts  # noqa: E402
 
 # distilbert-base-uncased's architecture, so its speed is measured without a download.
 DISTILBERT = {"model_type": "distilbert", "vocab_size": 30522, "dim": 768, "n_layers": 6, "n_heads": 12,
@@ -52,9 +55,9 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     p.add_argument("--data_dir", default=None, help="real dataset (train split); default: synthetic photos")
-    p.add_argument("--photos", type=int, default=64, help="synthetic 500x375 JPEGs to make")
-    p.add_argument("--image_size", type=int, default=224, help="image side in pixels")
-    p.add_argument("--num_workers", type=int, default=None,
+    p.add_argument("--photos", type=positive_int, default=64, help="synthetic 500x375 JPEGs to make")
+    p.add_argument("--image_size", type=positive_int, default=224, help="image side in pixels")
+    p.add_argument("--num_workers", type=non_negative_int, default=None,
                    help="DataLoader workers for both pipelines (default: train.py's default)")
     # model
     p.add_argument("--image_encoder", default="mobilenet_v3_small",
@@ -66,18 +69,18 @@ def get_args(argv=None):
                         "package's uncased WordPiece vocabulary, which is DistilBERT's)")
     # measurement
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=non_negative_int, default=0,
                    help="CPU threads per process (0: PyTorch's default, one per core); 1 on a machine "
                         "that others share, where waiting OpenMP threads spin while a sibling is preempted")
-    p.add_argument("--batch_size", type=int, default=32, help="training pairs per step")
-    p.add_argument("--steps", type=int, default=5, help="timed training steps per round")
-    p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
-    p.add_argument("--encode_images", type=int, default=256, help="gallery images encoded per round (ours)")
-    p.add_argument("--naive_encode_images", type=int, default=48,
+    p.add_argument("--batch_size", type=positive_int, default=32, help="training pairs per step")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed training steps per round")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed training steps first")
+    p.add_argument("--encode_images", type=positive_int, default=256, help="gallery images encoded per round (ours)")
+    p.add_argument("--naive_encode_images", type=positive_int, default=48,
                    help="gallery images encoded one at a time per round (naive)")
-    p.add_argument("--gallery", type=int, default=8091, help="gallery size for search latency")
-    p.add_argument("--queries", type=int, default=50, help="timed single queries")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are medians")
+    p.add_argument("--gallery", type=positive_int, default=8091, help="gallery size for search latency")
+    p.add_argument("--queries", type=positive_int, default=50, help="timed single queries")
+    p.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds; figures are medians")
     p.add_argument("--no_baseline", action="store_true", help="measure only our pipeline")
     p.add_argument("--quick", action="store_true", help="one short round (smoke test, GPU check)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -85,14 +88,7 @@ def get_args(argv=None):
     if args.quick:  # smaller defaults; flags given explicitly still win
         p.set_defaults(steps=3, warmup=1, rounds=1, encode_images=64, naive_encode_images=8, queries=10, photos=16)
         args = p.parse_args(argv)
-    for name in ("batch_size", "steps", "encode_images", "naive_encode_images", "gallery", "queries",
-                 "rounds", "photos", "image_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
-    if args.warmup < 0 or (args.num_workers or 0) < 0 or args.threads < 0:
-        p.error("--warmup, --num_workers and --threads cannot be negative")
-    if args.num_workers is None:
-        import train  # only for its default, so the benchmark follows what train.py does
+    if args.num_workers is None:  # train.py's default, so the benchmark follows what train.py does
         args.num_workers = train.get_args([]).num_workers
     return args
 
@@ -122,13 +118,13 @@ def make_images(folder, n, seed=0):
 class NaivePairs(Dataset):
     """The naive data path: decode the full-size photo, transform it as float, tokenize one caption."""
 
-    def __init__(self, data_dir, split, image_size, tokenizer, train=True):
+    def __init__(self, data_dir, split, image_size, tokenizer, augment=True):
         import torchvision.transforms as T
         df = dataset.read_captions(data_dir, split)
         self.paths = [os.path.join(data_dir, "images", n) for n in df["image"]]
         self.captions = df["caption"].tolist()
         self.tokenizer = tokenizer
-        crop = ([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), T.RandomHorizontalFlip()] if train
+        crop = ([T.RandomResizedCrop(image_size, scale=(0.5, 1.0)), T.RandomHorizontalFlip()] if augment
                 else [T.Resize(image_size), T.CenterCrop(image_size)])
         self.transform = T.Compose([*crop, T.ToTensor(), T.Normalize(M.IMAGENET_MEAN, M.IMAGENET_STD)])
 
@@ -234,14 +230,9 @@ def measure_train(args, device, data_dir, naive):
             img_emb = naive_encode_images(m, images)
             txt_emb = m.encode_texts(input_ids, attention_mask)
             loss = M.info_nce(img_emb, txt_emb, m.logit_scale.exp())
-        else:  # train.py's step
-            to = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            img_emb, txt_emb, scale = m(to["images"], to["input_ids"], to["attention_mask"])
-            loss = M.info_nce(img_emb, txt_emb, scale, to["same_image"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        m.clamp_logit_scale()
+        else:
+            loss = train.batch_loss(m, batch, device)
+        train.optimizer_step(m, optimizer, loss)
         loss.item()  # train.py logs every step's loss, which waits for the device
     sync(device)
     return {"pairs_per_s": args.steps * args.batch_size / (time.perf_counter() - t),
@@ -256,7 +247,7 @@ def measure_encode(args, device, data_dir, naive):
     queries = dataset.read_captions(data_dir, "train")["caption"].tolist()
     out = {}
     if naive:
-        data = NaivePairs(data_dir, "train", args.image_size, tokenizer, train=False)
+        data = NaivePairs(data_dir, "train", args.image_size, tokenizer, augment=False)
         images = [i % len(data) for i in range(args.naive_encode_images + 1)]
         naive_encode_images(m, data.image(images[0]).unsqueeze(0).to(device))  # warm-up
         sync(device)
@@ -345,7 +336,7 @@ def device_name(device):
 def summarise(rounds, device, args, data_desc, load):
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     out = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python bench.py " + " ".join(args.argv),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmarks/bench.py " + " ".join(args.argv),
            "data": data_desc, "batch_size": args.batch_size, "image_encoder": args.image_encoder,
            "text_encoder": args.text_encoder, "num_workers": args.num_workers, "rounds": len(rounds),
            "load_average": load, **{k: round(v, 3) for k, v in med.items()}, "per_round": rounds}
