@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 5, a few minutes on one CUDA card: training pairs/s at batch 512 (target on an
+# A few minutes on one CUDA card: training pairs/s at batch 512 (target on an
 # H100-class card: at least 8,000, i.e. the data path keeps up), gallery encoding, query latency, memory.
 #   bash benchmarks/gpu.sh                      # synthetic 500x375 JPEGs, no dataset needed
 #   bash benchmarks/gpu.sh --data_dir data/flickr8k

@@ -1,4 +1,4 @@
-"""benchmarks/screen_recipe.py, the GPU screen behind the README's table of recipe variants."""
+"""benchmarks/screen_recipe.py, the GPU screen behind RESULTS.md's table of recipe variants."""
 
 import importlib.util
 import json
