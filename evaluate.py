@@ -20,7 +20,7 @@ import sys
 from atomic import atomic_write
 from checkpoint import eval_image_size, load_model
 from cli import non_negative_int, positive_int
-from model import keep_freed_memory, pick_device
+from device import keep_freed_memory, pick_device
 from retrieval import chance_recall, evaluate_split, format_metrics
 
 

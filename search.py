@@ -23,6 +23,7 @@ import warnings
 from checkpoint import eval_image_size, load_model
 from cli import positive_int
 from dataset import IMAGE_EXTENSIONS, open_rgb, read_image
+from device import keep_freed_memory, pick_device
 from gallery import (
     Gallery,
     add_gallery_args,
@@ -34,7 +35,6 @@ from gallery import (
     slug,
     top_hits,
 )
-from model import keep_freed_memory, pick_device
 
 MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file beside the index
 

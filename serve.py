@@ -32,6 +32,7 @@ from PIL import Image
 
 from checkpoint import load_model
 from dataset import open_rgb
+from device import keep_freed_memory, pick_device
 from gallery import (
     Gallery,
     add_gallery_args,
@@ -43,7 +44,6 @@ from gallery import (
     top_hits,
 )
 from index import ImageFiles
-from model import keep_freed_memory, pick_device
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 ASSETS = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}

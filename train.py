@@ -13,7 +13,6 @@ over the global batch of N*B pairs; only rank 0 validates and writes.
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -36,14 +35,16 @@ from checkpoint import (
 )
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import AugmentedImages, Collate, PairDataset, read_captions
+from device import keep_freed_memory, pick_device
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
-from model import gather_batch, info_nce, keep_freed_memory, load_tokenizer, pick_device
+from model import gather_batch, info_nce, load_tokenizer
 from retrieval import evaluate_split, format_metrics
+from schedule import epoch_order, lr_factor, shard_order
 
 
 def get_args(argv=None):
-    # Longer than a screen, as a list: one line per flag, then the checks that span flags (a
-    # number's range is its type's, in cli.py).
+    # Longer than a screen, as a list: one line per flag, grouped by data, model, optim and run,
+    # then the checks that span flags (a number's range is its type's, in cli.py).
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     p.add_argument("--data_dir", default="data/flickr8k", help="output of preprocess_flickr8k.py")
@@ -136,30 +137,6 @@ def frozen_modules(model, args):
     return modules
 
 
-def lr_factor(step, warmup, total):
-    """Linear warm-up to 1, then cosine decay to 0 at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def epoch_order(image_ids, seed, epoch, captions_per_image=0):
-    """Indices of the epoch's pairs in training order, a pure function of (seed, epoch), so
-    resuming replays it. captions_per_image k > 0 keeps k random captions of each photo (all of
-    a photo that has fewer): with k = 1 an epoch shows every photo once."""
-    g = torch.Generator().manual_seed(seed + epoch)
-    ids = torch.as_tensor(image_ids)
-    keep = torch.arange(len(ids))
-    if captions_per_image:
-        # Order the pairs by photo, and within a photo at random; keep the first k of each.
-        by_priority = torch.argsort(torch.rand(len(ids), generator=g))
-        order = by_priority[torch.argsort(ids[by_priority], stable=True)]
-        sorted_ids = ids[order].contiguous()
-        rank = torch.arange(len(ids)) - torch.searchsorted(sorted_ids, sorted_ids)  # 0, 1, ... per photo
-        keep = order[rank < captions_per_image]
-    return keep[torch.randperm(len(keep), generator=g)].tolist()
-
-
 @torch.no_grad()
 def cache_image_trunk(model, train_set, n_blocks, views, batch_size, num_workers, device):
     """(views, photos, C, h, w) float16 CPU: the frozen first n_blocks of the image tower on
@@ -180,15 +157,6 @@ def cache_image_trunk(model, train_set, n_blocks, views, batch_size, num_workers
             start += len(feats)
     model.train()
     return cache
-
-
-def shard_order(order, batch_size, rank=0, world=1):
-    """This process's part of the epoch's order, in whole batches. Process r takes the r-th B of
-    every N*B, so step s of all N processes together trains on order[s*N*B:(s+1)*N*B], gathered
-    in that order: N processes at batch B see the batches of one process at batch N*B."""
-    steps = len(order) // (world * batch_size)
-    blocks = torch.tensor(order[:steps * world * batch_size]).view(steps, world, batch_size)
-    return blocks[:, rank].flatten().tolist()
 
 
 def plot_curves(history, path):

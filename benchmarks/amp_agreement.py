@@ -1,5 +1,5 @@
 """Does the autocast policy change what a trained model retrieves? Evaluate one checkpoint with
-model.autocast's policy and in fp32, on the same photos and captions, and compare.
+device.autocast's policy and in fp32, on the same photos and captions, and compare.
 
     python benchmarks/amp_agreement.py --checkpoint models/best.pt --split val
 
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from checkpoint import eval_image_size, load_model  # noqa: E402
 from dataset import EvalSplit  # noqa: E402
-from model import keep_freed_memory, pick_device  # noqa: E402
+from device import keep_freed_memory, pick_device  # noqa: E402
 from retrieval import encode_image_dataset, encode_texts, format_metrics, recall_metrics  # noqa: E402
 
 

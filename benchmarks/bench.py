@@ -7,7 +7,7 @@
 Measures training pairs/s (the full step: data loading, both towers, loss, AdamW), gallery encoding
 images/s, one-query search latency (warm p50/p95) and peak memory, for two pipelines:
   ours   the repo's code (train.py's step): photos decoded once into the uint8 cache, captions tokenized per batch and
-         padded to the batch's longest, model.autocast's policy, channels_last image tower,
+         padded to the batch's longest, device.autocast's policy, channels_last image tower,
          normalisation on the device, an allocator that keeps freed memory, the gallery encoded
          in batches of 64 and searched with one matrix product.
   naive  how a simple implementation does it: per-item PIL decode of the full-size photo and
@@ -41,6 +41,7 @@ import dataset  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 from cli import non_negative_int, positive_int  # noqa: E402
+from device import keep_freed_memory, pick_device  # noqa: E402
 from retrieval import encode_image_dataset, encode_texts  # noqa: E402
 
 # distilbert-base-uncased's architecture, so its speed is measured without a download.
@@ -297,7 +298,7 @@ def _child(conn, what, args, device, data_dir, naive):
         torch.set_num_threads(args.threads)
     try:
         if not naive:
-            M.keep_freed_memory()  # what train.py, evaluate.py and search.py do first
+            keep_freed_memory()  # what train.py, evaluate.py and search.py do first
         fn = measure_train if what == "train" else measure_encode
         conn.send(("ok", fn(args, torch.device(device), data_dir, naive)))
     except BaseException:
@@ -374,7 +375,7 @@ def print_table(r, no_baseline):
 def main(argv=None):
     args = get_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    device = M.pick_device(args.device)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)  # the children set their own; this one is for the report
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:

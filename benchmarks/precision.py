@@ -1,5 +1,5 @@
-"""Which precision and memory layout is fastest on this CPU? The measurements behind model.py's
-CPU choices (bf16 autocast for the text tower, channels_last for the image tower).
+"""Which precision and memory layout is fastest on this CPU? The measurements behind the CPU
+choices: bf16 autocast for the text tower (device.py), channels_last for the image tower.
 
     python benchmarks/precision.py
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/precision.py   # a CPU without native bf16
@@ -8,7 +8,7 @@ Times, on the offline towers at the offline recipe's shapes, the median of --rou
 warm-up: the top 4 MiniLM layers forward + backward (batch 128 x 24 tokens) in fp32 and under bf16
 autocast; the trainable EfficientNet-Lite0 blocks 11-15 forward + backward on cached features
 (batch 128) and the whole tower's forward (batch 64, 224 px), each contiguous and channels_last.
-Prints the CPU's capability and the policy model.py picks here, then one JSON line.
+Prints the CPU's capability and the policy device.py picks here, then one JSON line.
 """
 
 import argparse
@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+from device import cpu_has_native_bf16, keep_freed_memory, precision_summary  # noqa: E402
 
 
 def median_time(fn, rounds):
@@ -42,11 +43,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    M.keep_freed_memory()
+    keep_freed_memory()
     cpu = torch.device("cpu")
-    print(M.precision_summary(cpu))
+    print(precision_summary(cpu))
     torch.manual_seed(0)
-    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": M.cpu_has_native_bf16(),
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(),
            "threads": torch.get_num_threads(), "torch": torch.__version__}
 
     # Text: the 4 tuned layers of the offline recipe, on hidden states from the 2 frozen ones.

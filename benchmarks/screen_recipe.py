@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from checkpoint import eval_image_size, load_model  # noqa: E402
 from dataset import read_captions, tokenize  # noqa: E402
-from model import build_text_tower, keep_freed_memory, load_tokenizer, mean_pool, pick_device  # noqa: E402
+from device import keep_freed_memory, pick_device  # noqa: E402
+from model import build_text_tower, load_tokenizer, mean_pool  # noqa: E402
 
 B256, LR14 = ["--batch_size", "256"], ["--lr", "1.4e-4", "--image_lr", "4.2e-4", "--head_lr", "1.4e-3"]
 VARIANTS = {  # name -> flags added to configs/offline.txt (batch 512); bs256*: the previous recipe's batch

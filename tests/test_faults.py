@@ -20,6 +20,7 @@ from tiny import train_argv
 
 import checkpoint
 import dataset
+import device
 import evaluate
 import interrupt
 import model
@@ -217,7 +218,7 @@ def test_a_signal_while_a_batch_is_fetched_is_raised_once_it_is_in():
 def test_ctrl_c_before_training_is_one_line_and_exit_130(script, monkeypatch, capsys):
     def interrupt(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(model, "pick_device", interrupt)  # the first thing the scripts do
+    monkeypatch.setattr(device, "pick_device", interrupt)  # the first thing the scripts do
     monkeypatch.setattr(sys, "argv", [script, "--device", "cpu", *(["--query", "a dog"] * (script == "search.py"))])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / script), run_name="__main__")

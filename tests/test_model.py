@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import device
 import model
 from model import DualEncoder, info_nce
 
@@ -120,7 +121,7 @@ def test_mean_pooling_ignores_padding(tiny_data):
 
 
 def test_pick_device_cpu():
-    assert model.pick_device("cpu") == torch.device("cpu")  # the precision policy: test_precision.py
+    assert device.pick_device("cpu") == torch.device("cpu")  # the precision policy: test_precision.py
 
 
 def test_missing_pretrained_weights_give_a_clear_error(monkeypatch, capsys):

@@ -3,39 +3,39 @@
 import pytest
 import torch
 
-import model
+import device
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_text_tower_is_bf16_only_with_native_bf16(monkeypatch, native):
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: native)
-    assert model.autocast_dtype(CPU, "text") == (torch.bfloat16 if native else None)
-    assert model.autocast_dtype(CPU, "image") is None  # depthwise convolutions: fp32 on every CPU
-    assert model.autocast_dtype(CPU, "text", enabled=False) is None
-    ctx = model.autocast(CPU, "text")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    assert device.autocast_dtype(CPU, "text") == (torch.bfloat16 if native else None)
+    assert device.autocast_dtype(CPU, "image") is None  # depthwise convolutions: fp32 on every CPU
+    assert device.autocast_dtype(CPU, "text", enabled=False) is None
+    ctx = device.autocast(CPU, "text")
     assert isinstance(ctx, torch.autocast) == native
-    line = model.precision_summary(CPU)
+    line = device.precision_summary(CPU)
     assert line.startswith("precision on cpu: image tower fp32, text tower " + ("bf16" if native else "fp32"))
     assert ("without native bf16" in line) != native
 
 
 def test_accelerators_and_no_amp(monkeypatch):
-    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
-    assert model.autocast_dtype(CUDA, "image") == model.autocast_dtype(CUDA, "text") == torch.bfloat16
-    assert model.autocast_dtype(MPS, "image") is None and model.autocast_dtype(MPS, "text") is None
-    assert "text tower fp32 (--no_amp)" in model.precision_summary(CPU, enabled=False)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.autocast_dtype(CUDA, "image") == device.autocast_dtype(CUDA, "text") == torch.bfloat16
+    assert device.autocast_dtype(MPS, "image") is None and device.autocast_dtype(MPS, "text") is None
+    assert "text tower fp32 (--no_amp)" in device.precision_summary(CPU, enabled=False)
 
 
 def test_probe_answers_a_bool():
-    assert model.cpu_has_native_bf16() in (True, False)
+    assert device.cpu_has_native_bf16() in (True, False)
 
 
 def test_text_tower_runs_in_the_chosen_dtype(monkeypatch):
     lin = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(model, "cpu_has_native_bf16", lambda native=native: native)
-        with model.autocast(CPU, "text"):
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda native=native: native)
+        with device.autocast(CPU, "text"):
             assert lin(x).dtype == dtype

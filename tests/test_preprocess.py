@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 import dataset
+import download
 import preprocess_flickr8k as pf
 import synthetic
 
@@ -149,7 +150,7 @@ def test_second_run_skips_finished_work(tmp_path, capsys, monkeypatch):
     def no_extraction(*args, **kwargs):
         raise AssertionError("archives extracted again")
 
-    monkeypatch.setattr(pf, "check_zip", no_extraction)
+    monkeypatch.setattr(download, "check_zip", no_extraction)
     run("--source", src, "--data_dir", out)
     assert sorted(verified) == ["c.jpg", "d.jpg"]  # only the photos that never made it to images/
     assert (out / "captions.csv").read_text() == EXPECTED_CSV
@@ -327,7 +328,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    monkeypatch.setattr(pf, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy set in the environment must not see these requests
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -403,7 +404,7 @@ def test_download_keeps_a_partial_file_only_when_it_is_a_valid_prefix(tmp_path, 
         (tmp_path / "f.bin.part").write_bytes(data[:1000])
     else:
         partial(tmp_path, server.url + "elsewhere.bin", data[:1000], len(data), etag(data))
-    pf.download(url, str(tmp_path / "f.bin"))
+    download.download(url, str(tmp_path / "f.bin"))
     assert [r for _, r in server.log] == PARTIAL_CASES[case]
     assert (tmp_path / "f.bin").read_bytes() == data
     assert not (tmp_path / "f.bin.part").exists() and not (tmp_path / "f.bin.part.json").exists()
@@ -411,12 +412,12 @@ def test_download_keeps_a_partial_file_only_when_it_is_a_valid_prefix(tmp_path, 
 
 def test_download_gives_up_with_a_clear_message(tmp_path, server):
     server.files = {"f.bin": b"x"}
-    server.plan = {"f.bin": ["503"] * pf.TRIES}
-    with pytest.raises(SystemExit, match=f"failed after {pf.TRIES} tries: HTTP 503"):
-        pf.download(server.url + "f.bin", str(tmp_path / "f.bin"))
+    server.plan = {"f.bin": ["503"] * download.TRIES}
+    with pytest.raises(SystemExit, match=f"failed after {download.TRIES} tries: HTTP 503"):
+        download.download(server.url + "f.bin", str(tmp_path / "f.bin"))
     with pytest.raises(SystemExit, match="answered HTTP 404"):
-        pf.download(server.url + "nope.bin", str(tmp_path / "nope.bin"))
-    assert len(server.log) == pf.TRIES + 1  # a 404 is not retried
+        download.download(server.url + "nope.bin", str(tmp_path / "nope.bin"))
+    assert len(server.log) == download.TRIES + 1  # a 404 is not retried
 
 
 @pytest.mark.parametrize("how", ["html", "html_octet"])
@@ -442,36 +443,36 @@ def test_html_page_never_overwrites_a_partial_download(tmp_path, server):
     server.plan = {"f.bin": ["html"]}
     partial(tmp_path, url, data[:1000], len(data), etag(data))
     with pytest.raises(SystemExit, match=r"is an HTML page .*f.bin.part is kept"):
-        pf.download(url, str(tmp_path / "f.bin"))
+        download.download(url, str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin.part").read_bytes() == data[:1000]
-    pf.download(url, str(tmp_path / "f.bin"))
+    download.download(url, str(tmp_path / "f.bin"))
     assert server.log[-1] == ("f.bin", "bytes=1000-") and (tmp_path / "f.bin").read_bytes() == data
 
 
 def test_stalled_connection_times_out_retries_and_resumes(tmp_path, server, monkeypatch):
-    monkeypatch.setattr(pf, "TIMEOUT_S", (5, 1.0))  # seconds of silence before giving up on an answer
+    monkeypatch.setattr(download, "TIMEOUT_S", (5, 1.0))  # seconds of silence before giving up on an answer
     data = random.Random(0).randbytes(300_000)
     url = server.url + "f.bin"
     server.files = {"f.bin": data}
     server.plan = {"f.bin": ["stall"]}
-    pf.download(url, str(tmp_path / "f.bin"))
+    download.download(url, str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin").read_bytes() == data
     assert [r for _, r in server.log] == [None, f"bytes={150_000 // 65536 * 65536}-"]
-    monkeypatch.setattr(pf, "TRIES", 2)
+    monkeypatch.setattr(download, "TRIES", 2)
     server.plan = {"f.bin": ["stall"] * 2}
     with pytest.raises(SystemExit, match="failed after 2 tries: .*timed out.*f2.bin.part is kept"):
-        pf.download(url, str(tmp_path / "f2.bin"))
+        download.download(url, str(tmp_path / "f2.bin"))
 
 
 def test_full_disk_is_a_clear_error_and_keeps_the_partial_download(tmp_path, server, monkeypatch):
     archives = official_archives(tmp_path / "served", padding=300_000)
     server.files = {p.name: p.read_bytes() for p in archives.iterdir()}
     out = tmp_path / "out"
-    monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=1000))
     with pytest.raises(SystemExit, match=r"Flickr8k_Dataset.zip needs 0.00 GB more but only 0.00 GB are free"):
         run("--download", "--url_base", server.url, "--data_dir", out)
     monkeypatch.undo()
-    monkeypatch.setattr(pf, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
 
     class FullDisk(io.FileIO):  # the disk fills up after the first 64 KiB chunk
         def write(self, b):
@@ -480,14 +481,14 @@ def test_full_disk_is_a_clear_error_and_keeps_the_partial_download(tmp_path, ser
             return super().write(b)
 
     real_open = open
-    monkeypatch.setattr(pf, "open", lambda f, mode="r", *a, **k: FullDisk(f, mode[0]) if str(f).endswith(".part")
+    monkeypatch.setattr(download, "open", lambda f, mode="r", *a, **k: FullDisk(f, mode[0]) if str(f).endswith(".part")
                         else real_open(f, mode, *a, **k), raising=False)
     with pytest.raises(SystemExit, match=r"^error: no space left on the device .*run again"):
         run("--download", "--url_base", server.url, "--data_dir", out)
     part = out / "downloads" / "Flickr8k_Dataset.zip.part"
     assert part.read_bytes() == server.files["Flickr8k_Dataset.zip"][:65536]  # a valid prefix, kept
     monkeypatch.undo()
-    monkeypatch.setattr(pf, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
     run("--download", "--url_base", server.url, "--data_dir", out)
     assert ("Flickr8k_Dataset.zip", "bytes=65536-") in server.log
     assert (out / "captions.csv").read_text() == EXPECTED_CSV
@@ -537,7 +538,7 @@ def test_download_interrupted_by_a_signal_resumes(tmp_path, server, sig):
 def test_expected_size_is_checked(tmp_path):
     path = official_archives(tmp_path) / "Flickr8k_text.zip"
     with pytest.raises(SystemExit, match="bytes, expected 5"):
-        pf.check_zip(str(path), expected_size=5)
+        download.check_zip(str(path), expected_size=5)
     assert path.exists()  # not ours to delete
 
 
@@ -546,18 +547,18 @@ def test_expected_size_is_checked(tmp_path):
 
 def test_zip_with_too_many_members_or_a_bomb_is_refused(tmp_path, monkeypatch):
     src = official_archives(tmp_path / "src")
-    monkeypatch.setattr(pf, "MAX_MEMBERS", 5)  # the photo archive has 7
+    monkeypatch.setattr(download, "MAX_MEMBERS", 5)  # the photo archive has 7
     with pytest.raises(SystemExit, match=r"Flickr8k_Dataset.zip has 7 members, more than 5"):
-        pf.extract(str(src / "Flickr8k_Dataset.zip"), str(tmp_path / "raw"))
+        download.extract(str(src / "Flickr8k_Dataset.zip"), str(tmp_path / "raw"))
     monkeypatch.undo()
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("zeros.bin", bytes(101 << 20))  # 101 MiB of zeros pack into ~100 KiB
     with pytest.raises(SystemExit, match=r"bomb.zip would unpack .* into 105,906,176 \(a zip bomb\?\)"):
-        pf.extract(str(bomb), str(tmp_path / "raw"))
-    monkeypatch.setattr(pf.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100))
+        download.extract(str(bomb), str(tmp_path / "raw"))
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100))
     with pytest.raises(SystemExit, match=r"Flickr8k_text.zip unpacks to 0.00 GB but only 0.00 GB are free"):
-        pf.extract(str(src / "Flickr8k_text.zip"), str(tmp_path / "raw"))
+        download.extract(str(src / "Flickr8k_text.zip"), str(tmp_path / "raw"))
     assert os.listdir(tmp_path / "raw") == [] and bomb.exists()  # nothing written, the user's files kept
 
 
