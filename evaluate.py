@@ -20,7 +20,7 @@ import sys
 from atomic import atomic_write
 from checkpoint import eval_image_size, load_model
 from cli import non_negative_int, positive_int
-from device import keep_freed_memory, pick_device
+from device import keep_freed_memory, pick_device, precision_summary
 from retrieval import chance_recall, evaluate_split, format_metrics
 
 
@@ -52,6 +52,7 @@ def main(argv=None):
     keep_freed_memory()
     device = pick_device(args.device)
     model, tokenizer, ckpt = load_model(args.checkpoint, device)
+    print(precision_summary(device, model.amp), file=sys.stderr)
     data_dir = args.data_dir or ckpt["args"].get("data_dir")
     if not data_dir:
         raise SystemExit(f"error: {args.checkpoint} does not say which dataset it was trained on; pass --data_dir.")

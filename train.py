@@ -35,7 +35,7 @@ from checkpoint import (
 )
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import AugmentedImages, Collate, PairDataset, read_captions
-from device import keep_freed_memory, pick_device
+from device import keep_freed_memory, pick_device, precision_summary
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import gather_batch, info_nce, load_tokenizer
 from retrieval import evaluate_split, format_metrics
@@ -230,6 +230,7 @@ def run(args, device):
         print(f"training on {device}{f' x {world} processes' if ddp else ''}: {pairs_per_epoch} pairs/epoch, "
               f"{steps_per_epoch} steps/epoch of {world * args.batch_size} pairs, {total_steps} steps, "
               f"{n_params / 1e6:.1f}M trainable parameters")
+        print(precision_summary(device, not args.no_amp))
     last_path = os.path.join(args.model_dir, "last.pt")
     try:
         while state["epoch"] < args.epochs and state["step"] < total_steps:

@@ -41,7 +41,7 @@ import dataset  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 from cli import non_negative_int, positive_int  # noqa: E402
-from device import keep_freed_memory, pick_device  # noqa: E402
+from device import keep_freed_memory, pick_device, precision_summary  # noqa: E402
 from retrieval import encode_image_dataset, encode_texts  # noqa: E402
 
 # distilbert-base-uncased's architecture, so its speed is measured without a download.
@@ -337,6 +337,7 @@ def device_name(device):
 def summarise(rounds, device, args, data_desc, load):
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     out = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "precision": precision_summary(device),
            "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python benchmarks/bench.py " + " ".join(args.argv),
            "data": data_desc, "batch_size": args.batch_size, "image_encoder": args.image_encoder,
            "text_encoder": args.text_encoder, "num_workers": args.num_workers, "rounds": len(rounds),
@@ -365,6 +366,7 @@ def print_table(r, no_baseline):
             (f"peak memory encoding, MB ({mem})", "encode_peak_mem_mb", None)]
     print(f"\n{r['device']} | torch {r['torch']} | batch {r['batch_size']} | {r['image_encoder']} + "
           f"{r['text_encoder']} | {r['data']} | {r['num_workers']} workers | median of {r['rounds']} rounds")
+    print(f"CPU capability {r['cpu_capability']} | ours: {r['precision']} | naive: fp32")
     print(f"{'':42}{'ours':>10}{'' if no_baseline else 'naive':>10}{'' if no_baseline else 'ratio':>9}")
     for label, key, ratio in rows:
         base = r.get(key + "_baseline")

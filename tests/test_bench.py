@@ -10,7 +10,9 @@ import os
 import sys
 
 import pytest
+import torch
 
+import device
 import train
 
 # On sys.path, not loaded from its file: the processes bench.py spawns import it by name.
@@ -32,7 +34,12 @@ def test_quick_bench_writes_finite_positive_figures(tiny_data, tmp_path, capsys)
                 "encode_images_per_s_baseline", "query_ms_p50_baseline", "train_data_pairs_per_s"):
         assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, key
     assert len(r["per_round"]) == r["rounds"] == 1
-    assert "training, pairs/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training, pairs/s" in printed
+    # The CPU's capability and what the precision policy chose on it, in the JSON and on screen.
+    assert r["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert r["precision"] == device.precision_summary(torch.device("cpu"))
+    assert f"CPU capability {r['cpu_capability']} | ours: {r['precision']} | naive: fp32" in printed
 
 
 def test_real_data_dir_and_no_baseline(tiny_data, tmp_path):

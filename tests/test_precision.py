@@ -39,3 +39,16 @@ def test_text_tower_runs_in_the_chosen_dtype(monkeypatch):
         monkeypatch.setattr(device, "cpu_has_native_bf16", lambda native=native: native)
         with device.autocast(CPU, "text"):
             assert lin(x).dtype == dtype
+
+
+def test_train_says_what_it_chose_once(tiny_data, tmp_path, capsys, monkeypatch):
+    from tiny import train_argv
+
+    import train
+    for native in (True, False):
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda native=native: native)
+        capsys.readouterr()
+        assert train.main(train_argv(tiny_data, tmp_path / f"run{native}", "--epochs", "1", "--max_steps", "1")) == 0
+        said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("precision on")]
+        assert said == [device.precision_summary(CPU)]
+        assert ("text tower bf16" in said[0]) == native
