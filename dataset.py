@@ -13,7 +13,6 @@ import csv
 import errno
 import json
 import os
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -72,17 +71,20 @@ def open_rgb(path, size):
     Raises (OSError, ValueError, ...) on an unreadable file, and on one above Pillow's
     MAX_IMAGE_PIXELS (89 MP): such a header more likely belongs to a decompression bomb.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: a 500x375
-            # photo bound for 224 pixels decodes about 2x faster and the result is the same size.
-            img.draft("RGB", (size, size))
-            try:
-                img = ImageOps.exif_transpose(img)
-            except Exception:  # a broken EXIF block does not make the pixels unreadable
-                img = img.copy()
-            return _to_rgb(img)
+    with Image.open(path) as img:
+        # Checked here, not by turning Pillow's warning into an error: warning filters are
+        # process-wide, and serve.py decodes in several threads at once.
+        if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+            raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels, more than "
+                                               f"{Image.MAX_IMAGE_PIXELS}: a decompression bomb?")
+        # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: a 500x375
+        # photo bound for 224 pixels decodes about 2x faster and the result is the same size.
+        img.draft("RGB", (size, size))
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # a broken EXIF block does not make the pixels unreadable
+            img = img.copy()
+        return _to_rgb(img)
 
 
 def _to_rgb(img):

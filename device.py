@@ -16,8 +16,8 @@ def keep_freed_memory():
     CPU tensors come from malloc. By default glibc serves big blocks with mmap and unmaps them on
     free (and trims the heap's top), so every step's activations land in fresh pages that the
     kernel must fault in and zero: ~30,000 page faults per batch-32 training step of the image
-    tower, ~110,000 per batch-64 forward. Keeping the memory removes them (see README,
-    Performance). Returns whether it took effect: a no-op without glibc (macOS, Windows, musl).
+    tower, ~110,000 per batch-64 forward. Keeping the memory removes them (see benchmarks/README.md,
+    "CPU"). Returns whether it took effect: a no-op without glibc (macOS, Windows, musl).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -41,7 +41,7 @@ def get_args(argv=None):
     flip.add_argument("--no_eval_flip", dest="eval_flip", action="store_false", help="embed each photo as it is")
     qb = p.add_mutually_exclusive_group()
     qb.add_argument("--querybank", action="store_true", default=None,
-                    help="rank with querybank normalisation against the train split (see README, 'Results')")
+                    help="rank with querybank normalisation against the train split (see RESULTS.md)")
     qb.add_argument("--no_querybank", dest="querybank", action="store_false", help="rank by cosine similarity")
     p.add_argument("--output_json", default=None, help="also write the metrics to this JSON file")
     return p.parse_args(argv)

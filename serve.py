@@ -232,12 +232,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def answer(self, route):
         try:
+            self.check_host()
             route(urlsplit(self.path))
         except BadRequest as e:
             self.send_json(e.args[0], {"error": e.args[1]})
         except Exception as e:  # a bug or a vanished file must not take the server down
             log(f"error on {self.command} {readable(self.path)[:200]}: {type(e).__name__}: {e}")
             self.send_json(500, {"error": f"{type(e).__name__}: {e}"})
+
+    def check_host(self):
+        """On 127.0.0.1, answer only requests addressed to this computer by name: a web page whose
+        own host name an attacker points at 127.0.0.1 (DNS rebinding) must not read the photos."""
+        bound, port = self.server.server_address[:2]
+        if bound != "127.0.0.1":
+            return  # --host chose to open the server; the warning at start said so
+        if self.headers.get("Host", "") not in {f"{name}:{port}" for name in ("127.0.0.1", "localhost")}:
+            raise BadRequest(403, "this server answers only requests to 127.0.0.1 or localhost")
 
     def get(self, url):
         params, lib = parse_qs(url.query), self.library
@@ -259,7 +269,10 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(404, "no such photo")
         if m[1] == "photo":  # the original, asked for by name
             with open(path, "rb") as f:
-                return self.send(200, f.read(), mimetypes.guess_type(path)[0] or "application/octet-stream")
+                kind = mimetypes.guess_type(path)[0] or ""
+                # Only an image type: a file named .html or .svg must not run as a page of this server.
+                return self.send(200, f.read(), kind if kind.startswith("image/") and "svg" not in kind
+                                 else "application/octet-stream")
         size = THUMB_SIZES.get(params.get("size", ["small"])[0])
         if size is None:
             raise BadRequest(400, f"size must be one of {', '.join(THUMB_SIZES)}")
@@ -304,7 +317,7 @@ def main(argv=None):
     args = get_args(argv)
     server, library = make_server(args)
     host, port = server.server_address[:2]
-    if host not in ("127.0.0.1", "::1"):
+    if host != "127.0.0.1":
         log(f"WARNING: listening on {host}:{port}, not only on this computer: anyone who can reach it "
             "can search and open the photos of this gallery.")
     print(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}", flush=True)

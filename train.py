@@ -53,12 +53,12 @@ def get_args(argv=None):
     p.add_argument("--num_workers", type=non_negative_int, default=4,
                    help="DataLoader worker processes (with --image_cache_views: caching and validation only)")
     p.add_argument("--eval_image_size", type=non_negative_int, default=0,
-                   help="photo side for validation, evaluate.py and search.py (0: --image_size); see README")
+                   help="photo side for validation, evaluate.py and search.py (0: --image_size); see RESULTS.md")
     p.add_argument("--eval_flip", action="store_true",
                    help="validation, evaluate.py and search.py embed each photo and its mirror image, averaged")
     p.add_argument("--querybank", action="store_true",
                    help="evaluate.py and search.py rank with querybank normalisation against the training "
-                        "captions and photos (not the per-epoch validation: see README)")
+                        "captions and photos (not the per-epoch validation: see RESULTS.md)")
     # model
     p.add_argument("--image_encoder", default="mobilenet_v3_small",
                    choices=["mobilenet_v3_small", "efficientnet_lite0"], help="image tower")

@@ -9,7 +9,7 @@ A 2-core CPU trains the recipe in 47 minutes; one H200 trains six variants side 
 three. The ranking of variants is what this is for: GPU numerics (bf16 autocast on both towers)
 and seeds move single runs by about a point of R@1, so a variant is compared with `recipe`, `seed1`
 and `seed2` of the same screen, and the chosen recipe is then measured on the CPU with train.py and
-evaluate.py (README, Results). Two variants change train.py's functions here rather than adding
+evaluate.py (RESULTS.md). Two variants change train.py's functions here rather than adding
 flags to it, because they lost: `*_hard<k>` (batches of similar photos) and `*_ls01` (label smoothing).
 Validation runs from epoch --validate_from on (the best epochs are late; it halves the time).
 """

@@ -71,6 +71,17 @@ def test_server_listens_on_loopback_only(served):
     assert sorted(library.ix.paths) == sorted([*NAMES, "large.jpg", "link.jpg"])
 
 
+def test_requests_to_another_host_name_are_refused(served):
+    # DNS rebinding: a page at evil.example whose name now points at 127.0.0.1 sends Host: evil.example.
+    server, *_ = served
+    port = server.server_address[1]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1:{port + 1}", ""):
+        code, _, data = request(server, "GET", "/api/search?q=a%20dog", headers={"Host": host})
+        assert code == 403 and "127.0.0.1" in json.loads(data)["error"], host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert request(server, "GET", "/api/status", headers={"Host": host})[0] == 200
+
+
 def test_search_gives_search_py_json(served, capsys):
     server, library, ckpt, photos, tmp = served
     for q in ("a red circle", "犬が走る"):
