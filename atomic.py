@@ -4,9 +4,11 @@ indexes, metrics) appears whole or not at all. Example:
     with atomic_write("results/val.json") as f:
         json.dump(metrics, f)
 
-The data is written to `<path>.tmp` in the same folder, so the final os.replace() is one rename on
-one filesystem: a reader sees the old file or the new one, and a crash or error mid-write leaves
-the old one intact. On an error the temporary file is removed.
+The data is written to `<path>.<pid>.tmp` in the same folder, so the final os.replace() is one
+rename on one filesystem: a reader sees the old file or the new one, and a crash or error mid-write
+leaves the old one intact. On an error the temporary file is removed. The process id keeps two
+processes that write the same file at once (search.py and serve.py updating one index) from
+writing into each other's temporary file.
 
 Its own small module, not part of checkpoint.py: preprocess_flickr8k.py and dataset.py write
 files too, and importing it must cost them neither torch nor the model.
@@ -20,7 +22,7 @@ from contextlib import contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` for writers that take a path (torch.save, a memory
     map); on success it replaces `path`, on any error (Ctrl-C included) it is removed."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         yield tmp
         os.replace(tmp, path)

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -37,3 +39,17 @@ def test_atomic_path_for_writers_that_take_a_path(tmp_path):
             open(tmp, "wb").close()
             raise OSError("disk full")
     assert os.listdir(tmp_path) == ["new.bin"]  # no file, no temporary left
+
+
+def test_two_processes_writing_one_file_use_their_own_temporary(tmp_path):
+    path = str(tmp_path / "index.pt")
+    with atomic_path(path) as mine:
+        assert mine == f"{path}.{os.getpid()}.tmp"
+        other = subprocess.run([sys.executable, "-c", "import os, sys; from atomic import atomic_path\n"
+                                f"with atomic_path({path!r}) as t: open(t, 'w').write('theirs'); print(t)"],
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               capture_output=True, text=True, check=True).stdout.strip()
+        assert other != mine
+        with open(mine, "w") as f:
+            f.write("mine")
+    assert open(path).read() == "mine" and os.listdir(tmp_path) == ["index.pt"]
