@@ -20,7 +20,7 @@ import sys
 import textwrap
 import warnings
 
-from checkpoint import eval_image_size, load_model
+from checkpoint import load_model
 from cli import positive_int
 from dataset import IMAGE_EXTENSIONS, open_rgb, read_image
 from device import keep_freed_memory, pick_device
@@ -129,15 +129,14 @@ def save_grid(paths, scores, out_path, title, query_image=None, show=False):
     plt.close(fig)
 
 
-def index_gallery(args, model, tokenizer, ckpt):
-    """Bring the gallery's index up to date and save it. Returns (index, folder the paths are
-    relative to as the user named it, whether Ctrl-C cut the indexing short)."""
-    gallery = Gallery(args, model, tokenizer, ckpt)
+def index_gallery(gallery):
+    """Bring the gallery's index up to date and save it. Returns (index, whether Ctrl-C cut the
+    indexing short)."""
     report = gallery.update(gallery.ix, gallery.scan())
     if report["changed"] or not os.path.exists(gallery.path):
         gallery.save(gallery.ix)
     report_index(gallery.ix, report, gallery.path)
-    return gallery.ix, gallery.shown_root, report["interrupted"]
+    return gallery.ix, report["interrupted"]
 
 
 def print_results(labels, results, n, as_image, as_json):
@@ -158,13 +157,15 @@ def main(argv=None):
     device = pick_device(args.device)
     # plain_text: no transformers import for the text tower (2 of a cold call's 5.5 s on 2 cores).
     model, tokenizer, ckpt = load_model(args.checkpoint, device, plain_text=True)
+    gallery = Gallery(args, model, tokenizer, ckpt)  # its image size and flip: those of the index
     if args.image:  # read it before indexing, so a bad file fails at once
         try:
-            query_img = read_image(args.image, eval_image_size(ckpt["args"]))  # (3, S, S)
+            query_img = read_image(args.image, gallery.image_size)  # (3, S, S)
         except Exception as e:
             raise SystemExit(f"error: cannot read --image {args.image} ({type(e).__name__}: {e}); "
                              "give a JPEG, PNG or WebP photo.")
-    ix, shown_root, interrupted = index_gallery(args, model, tokenizer, ckpt)
+    ix, interrupted = index_gallery(gallery)
+    shown_root = gallery.shown_root
     if interrupted:
         log(f"interrupted: {len(ix)} photos indexed and saved; run again to index the rest.")
         return 130
@@ -172,8 +173,7 @@ def main(argv=None):
         raise SystemExit(f"error: no readable photos in {shown_root} (searched recursively for "
                          f"{' '.join(IMAGE_EXTENSIONS)}).")
 
-    q_emb = encode_query(model, tokenizer, labels, query_img[None] if args.image else None,
-                         ckpt["args"].get("eval_flip", False))  # (Q, D)
+    q_emb = encode_query(model, tokenizer, labels, query_img[None] if args.image else None, gallery.flip)  # (Q, D)
     results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in hits]
                for hits in top_hits(ix, q_emb, args.top_k, text=not args.image)]
     print_results(labels, results, len(ix), bool(args.image), args.json)

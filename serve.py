@@ -3,7 +3,7 @@
     python serve.py --checkpoint models/offline/best.pt --images_dir ~/Pictures   # prints http://127.0.0.1:8000
     python serve.py                                                               # Flickr8K gallery of models/best.pt
 
-The page runs over search.py's index and ranking (index.py), so a query gets the same photos and
+The page runs over search.py's index and ranking (gallery.py), so a query gets the same photos and
 scores as `search.py --json`. The index is brought up to date in the background at start and on
 "Rescan": searches meanwhile see the photos indexed so far. The same JSON serves scripts:
 
@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 from PIL import Image
 
 from checkpoint import load_model
+from cli import non_negative_int
 from dataset import open_rgb
 from device import keep_freed_memory, pick_device
 from gallery import (
@@ -61,7 +62,7 @@ def get_args(argv=None):
     add_gallery_args(p, batch_size=16, num_workers=0)
     # server
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; beyond loopback, others see your photos")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--port", type=non_negative_int, default=8000, help="port to listen on (0: any free port)")
     args = p.parse_args(argv)
     check_gallery_args(p, args)
     return args

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+from cli import non_negative_int, positive_int  # noqa: E402
 from device import cpu_has_native_bf16, keep_freed_memory, precision_summary  # noqa: E402
 
 
@@ -38,8 +39,8 @@ def median_time(fn, rounds):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5, help="timed steps per measurement (median reported)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--rounds", type=positive_int, default=5, help="timed steps per measurement (median reported)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
