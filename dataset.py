@@ -15,7 +15,6 @@ import json
 import os
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
@@ -36,6 +35,9 @@ def read_captions(data_dir, split=None):
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; run preprocess_flickr8k.py first "
                          "(see README, 'Data').")
+    # Imported here: pandas takes 0.3 s to import, which a cold search.py over a folder of photos
+    # (whose index is cached) never needs.
+    import pandas as pd
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:

@@ -40,7 +40,7 @@ def model_fingerprint(model, image_size, flip=False, querybank=""):
     for name, t in sorted(model.state_dict().items()):
         if querybank or name.startswith(("image_tower.", "image_proj.")):
             h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
     return h.hexdigest()[:16]
 
 

@@ -112,6 +112,7 @@ def save_grid(paths, scores, out_path, title, query_image=None, show=False):
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.95 / height, wspace=0.04, hspace=0.16)
     for ax in axes.flat:
         ax.axis("off")
+        ax.set_xticks([]), ax.set_yticks([])  # hidden, yet matplotlib lays out 14 ticks per panel: 0.2 s
     for ax, (p, label, colour) in zip(axes.flat, panels):
         try:
             img = open_rgb(p, 300)
@@ -123,7 +124,9 @@ def save_grid(paths, scores, out_path, title, query_image=None, show=False):
     fig.suptitle("\n".join(textwrap.wrap(title, 70, max_lines=3, placeholder=" ...")), fontsize=13)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Glyph .* missing")  # e.g. CJK queries in the default font
-        fig.savefig(out_path, dpi=100)
+        # zlib level 1, not 6: a grid of photos barely compresses further, and level 6 spends
+        # 0.4 s of a cold 3 s call on it (the file is about 10% larger).
+        fig.savefig(out_path, dpi=100, pil_kwargs={"compress_level": 1})
         if show:
             plt.show()
     plt.close(fig)

@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -34,11 +35,11 @@ from checkpoint import (
     save_checkpoint,
 )
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
-from dataset import AugmentedImages, Collate, PairDataset, read_captions
+from dataset import AugmentedImages, Collate, EvalSplit, PairDataset, read_captions
 from device import keep_freed_memory, pick_device, precision_summary
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
-from model import gather_batch, info_nce, load_tokenizer
-from retrieval import evaluate_split, format_metrics
+from model import LITE_MODELS, gather_batch, info_nce, load_tokenizer
+from retrieval import encode_texts, evaluate_split, format_metrics, recall_metrics
 from schedule import epoch_order, lr_factor, shard_order
 
 
@@ -61,7 +62,7 @@ def get_args(argv=None):
                         "captions and photos (not the per-epoch validation: see RESULTS.md)")
     # model
     p.add_argument("--image_encoder", default="mobilenet_v3_small",
-                   choices=["mobilenet_v3_small", "efficientnet_lite0"], help="image tower")
+                   choices=["mobilenet_v3_small", *LITE_MODELS], help="image tower")
     p.add_argument("--text_encoder", default="distilbert-base-uncased",
                    help="Hugging Face encoder name or local folder")
     p.add_argument("--text_pooling", default="cls", choices=["cls", "mean"], help="text pooling")
@@ -70,7 +71,7 @@ def get_args(argv=None):
     p.add_argument("--image_weights", default=None, help="local state dict for the image tower")
     p.add_argument("--freeze_image", action="store_true", help="keep the image tower fixed (LiT)")
     p.add_argument("--freeze_image_blocks", type=non_negative_int, default=0,
-                   help="keep the stem and the first N blocks of efficientnet_lite0 fixed")
+                   help="keep the stem and the first N blocks of an efficientnet_lite tower fixed")
     p.add_argument("--image_cache_views", type=non_negative_int, default=0,
                    help="precompute the frozen blocks' output for N augmented views of each "
                         "photo once, and train the rest of the image tower on them (0: off)")
@@ -96,18 +97,22 @@ def get_args(argv=None):
                    help="linear warm-up, then cosine decay")
     p.add_argument("--max_steps", type=non_negative_int, default=0, help="stop after this many steps (0: no limit)")
     # run
+    p.add_argument("--validate_from", type=positive_int, default=1,
+                   help="validate (and pick best.pt) from this epoch on; earlier epochs only save last.pt")
     p.add_argument("--save_every", type=positive_int, default=5, help="keep checkpoint_epoch_N.pt every N epochs")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("--no_amp", action="store_true", help="fp32 everywhere (no bf16 autocast)")
     p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--resume", action="store_true", help="continue from <model_dir>/last.pt")
     args = p.parse_args(argv)
-    if args.freeze_image_blocks and args.image_encoder != "efficientnet_lite0":
-        p.error("--freeze_image_blocks needs --image_encoder efficientnet_lite0")
-    if args.freeze_image_blocks > 16:
-        p.error("--freeze_image_blocks: efficientnet_lite0 has 16 blocks")
+    if args.freeze_image_blocks and args.image_encoder not in LITE_MODELS:
+        p.error("--freeze_image_blocks needs an efficientnet_lite --image_encoder")
+    if args.freeze_image_blocks > LITE_MODELS.get(args.image_encoder, 0):
+        p.error(f"--freeze_image_blocks: {args.image_encoder} has {LITE_MODELS[args.image_encoder]} blocks")
     if args.image_cache_views and not args.freeze_image_blocks:
         p.error("--image_cache_views needs --freeze_image_blocks (the blocks whose output is cached)")
+    if args.validate_from > args.epochs:
+        p.error(f"--validate_from {args.validate_from} is after the last epoch ({args.epochs})")
     if args.no_pretrained and args.image_weights:
         p.error("--no_pretrained and --image_weights contradict each other")
     return args
@@ -159,17 +164,65 @@ def cache_image_trunk(model, train_set, n_blocks, views, batch_size, num_workers
     return cache
 
 
+VAL_CACHE_BYTES = 1 << 30  # Flickr8K val, all 16 Lite0 blocks at 256 px with the mirror image: 0.16 GB
+
+
+@torch.no_grad()
+def cache_val_trunk(model, n_blocks, data_dir, image_size, flip, device, batch_size=64):
+    """(views, photos, C, h, w) float32 CPU: the frozen image blocks' output on every val photo at
+    the evaluation size (and on its mirror image with flip), computed once so each epoch's
+    validation runs only the tuned top of the image tower (exactly the embeddings evaluate.py
+    gets: frozen blocks are in eval mode). None if that would take over VAL_CACHE_BYTES (early
+    blocks' output is large: validation then encodes the photos every epoch)."""
+    data = EvalSplit(data_dir, "val", image_size)
+    was_training = model.training
+    model.eval()
+    one = model.image_trunk(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), n_blocks)
+    if one.numel() * 4 * len(data.images) * (1 + flip) > VAL_CACHE_BYTES:
+        model.train(was_training)
+        return None
+    views = []
+    for mirror in (False, True)[:1 + flip]:
+        loader = DataLoader(data.image_dataset, batch_size=batch_size)
+        views.append(torch.cat([model.image_trunk((x.flip(-1) if mirror else x).to(device), n_blocks)
+                                .float().cpu() for x in tqdm(loader, desc="caching val photos", unit="batch",
+                                                             leave=False)]))
+    model.train(was_training)
+    return data, torch.stack(views)
+
+
+@torch.no_grad()
+def val_image_embeddings(model, trunk, n_blocks, device, batch_size=64):
+    """(photos, D): the val photos' embeddings from cache_val_trunk's blocks (averaged over the
+    mirror image when it holds two views), as encode_images(photos, flip) gives them."""
+    emb = sum(torch.cat([model.encode_image_trunk(f.to(device), n_blocks).cpu() for f in view.split(batch_size)])
+              for view in trunk)
+    return F.normalize(emb, dim=-1)
+
+
+@torch.no_grad()
+def validate(model, tokenizer, data, trunk, n_blocks, device):
+    """recall_metrics of the val split from cache_val_trunk's output (data, trunk)."""
+    was_training = model.training
+    model.eval()
+    img_emb = val_image_embeddings(model, trunk, n_blocks, device)
+    txt_emb = encode_texts(model, tokenizer, data.captions, device)
+    model.train(was_training)
+    return recall_metrics(img_emb, txt_emb, data.caption_image)
+
+
 def plot_curves(history, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(epochs, [h["loss"] for h in history], marker="o")
+    a.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
     a.set(xlabel="epoch", ylabel="training loss", title="InfoNCE loss")
+    validated = [h for h in history if h["val"] is not None]
+    epochs = [h["epoch"] for h in validated]
     for d, label in (("t2i", "text→image"), ("i2t", "image→text")):
-        b.plot(epochs, [h["val"][d]["R@1"] for h in history], marker="o", label=f"{label} R@1")
-        b.plot(epochs, [h["val"][d]["R@10"] for h in history], marker=".", ls="--", label=f"{label} R@10")
+        b.plot(epochs, [h["val"][d]["R@1"] for h in validated], marker="o", label=f"{label} R@1")
+        b.plot(epochs, [h["val"][d]["R@10"] for h in validated], marker=".", ls="--", label=f"{label} R@10")
     b.set(xlabel="epoch", ylabel="recall (%)", title="validation recall")
     b.legend()
     fig.tight_layout()
@@ -219,6 +272,10 @@ def run(args, device):
     if args.image_cache_views:
         trunk_cache = cache_image_trunk(model, train_set, args.freeze_image_blocks,
                                         args.image_cache_views, 64, args.num_workers, device)
+    val = None
+    if args.freeze_image_blocks and master:
+        val = cache_val_trunk(model, args.freeze_image_blocks, args.data_dir, eval_image_size(model_args),
+                              model_args.get("eval_flip", False), device)
     # With the feature cache the loader only tokenizes captions (0.1 s of a 5 s step at batch 512
     # on 2 cores): no workers. A worker forked after the first epoch shares the pages of the
     # activations the last step freed, and each page training writes into again gets copied: a
@@ -237,7 +294,8 @@ def run(args, device):
             loader = epoch_loader(train_set, collate, state, args, loader_workers, device)
             loss, pairs_per_s = train_epoch(net, loader, optimizer, state, args, device, total_steps, trunk_cache)
             if master:
-                end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss, pairs_per_s)
+                final = state["epoch"] + 1 >= args.epochs or state["step"] >= total_steps
+                end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss, pairs_per_s, val, final)
             else:
                 state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
             if ddp:
@@ -249,8 +307,9 @@ def run(args, device):
             print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: saved {last_path} "
                   f"(epoch {state['epoch'] + 1}, step {state['step']}); continue with --resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as a shell reports it
-    if state["history"]:
-        print(format_metrics(max(state["history"], key=lambda h: h["val"]["rsum"])["val"]))
+    validated = [h["val"] for h in state["history"] if h["val"] is not None]
+    if validated:
+        print(format_metrics(max(validated, key=lambda m: m["rsum"])))
     return 0
 
 
@@ -339,16 +398,24 @@ def epoch_loader(train_set, collate, state, args, num_workers, device):
                       pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
 
 
-def end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss, pairs_per_s):
-    """Validate the epoch just trained, record it in state["history"], save the checkpoints, write
-    metrics.jsonl and the curves, print one line (rank 0 only)."""
+def end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss, pairs_per_s, val=None,
+              final=False):
+    """Validate the epoch just trained (from --validate_from on, and always the final one, so a
+    run that --max_steps ends early still writes best.pt), record it in state["history"], save the
+    checkpoints, write metrics.jsonl and the curves, print one line (rank 0 only). val:
+    cache_val_trunk's output."""
     epoch = state["epoch"]
-    metrics = evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(model_args),
-                             device, num_workers=min(args.num_workers, 2), flip=model_args.get("eval_flip", False))
+    if epoch + 1 < args.validate_from and not final:
+        metrics = None
+    elif val is not None:
+        metrics = validate(model, tokenizer, *val, args.freeze_image_blocks, device)
+    else:
+        metrics = evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(model_args), device,
+                                 num_workers=min(args.num_workers, 2), flip=model_args.get("eval_flip", False))
     state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": loss, "pairs_per_s": pairs_per_s,
                              "logit_scale": model.logit_scale.exp().item(), "val": metrics})
-    improved = metrics["rsum"] > state["best_rsum"]
-    state["best_rsum"] = max(state["best_rsum"], metrics["rsum"])
+    improved = metrics is not None and metrics["rsum"] > state["best_rsum"]
+    state["best_rsum"] = max(state["best_rsum"], metrics["rsum"]) if metrics else state["best_rsum"]
     # Until here a Ctrl-C saves (epoch, all its steps done): a resume goes straight to validation.
     state["epoch"], state["epoch_step"] = epoch + 1, 0
     save(os.path.join(args.model_dir, "last.pt"), model, model_args, state, optimizer)
@@ -359,9 +426,9 @@ def end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss
     with atomic_write(os.path.join(args.model_dir, "metrics.jsonl")) as f:
         f.writelines(json.dumps(h) + "\n" for h in state["history"])
     plot_curves(state["history"], os.path.join(args.model_dir, "training_curves.png"))
-    print(f"epoch {epoch + 1} | loss {loss:.3f} | val R@1 t2i {metrics['t2i']['R@1']:.1f} "
-          f"i2t {metrics['i2t']['R@1']:.1f} | rsum {metrics['rsum']:.1f}"
-          f"{' (best)' if improved else ''} | {pairs_per_s:.0f} pairs/s")
+    val_line = (f"val R@1 t2i {metrics['t2i']['R@1']:.1f} i2t {metrics['i2t']['R@1']:.1f} | rsum "
+                f"{metrics['rsum']:.1f}{' (best)' if improved else ''}" if metrics else "not validated")
+    print(f"epoch {epoch + 1} | loss {loss:.3f} | {val_line} | {pairs_per_s:.0f} pairs/s")
 
 
 def save(path, model, model_args, state, optimizer=None):

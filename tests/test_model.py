@@ -143,3 +143,30 @@ def test_missing_text_encoder_gives_a_clear_error(name):
     assert "text encoder" in str(e.value) and "--no_pretrained" in str(e.value)
     with pytest.raises(SystemExit, match="tokenizer"):
         model.load_tokenizer(name)
+
+
+def test_texts_in_length_groups_match_one_batch_with_gradients(tiny_data):
+    # encode_texts encodes a large batch in groups of similar length, each cut to its own longest
+    # caption: the embeddings and the gradients must be those of the one padded batch.
+    torch.manual_seed(0)
+    m = DualEncoder(text_encoder=f"{tiny_data}/text_encoder", embedding_dim=8, pretrained=False,
+                    text_pooling="mean").eval()
+    tok = model.load_tokenizer(f"{tiny_data}/text_encoder")
+    words = "a red circle on one blue square beside grey coloured shapes".split()
+    texts = [" ".join(words[: 1 + (7 * i) % len(words)]) for i in range(11)]
+    t = tok(texts, padding="longest", return_tensors="pt")
+    assert t["attention_mask"].sum(1).unique().numel() > 3  # lengths differ, so groups are cut
+    weights = torch.randn(len(texts), 8, generator=torch.Generator().manual_seed(1))  # a loss per row
+    grads = []
+    for chunk in (len(texts), 3):
+        m.zero_grad()
+        emb = m.encode_texts(t["input_ids"], t["attention_mask"], chunk=chunk)
+        (emb * weights).sum().backward()
+        grads.append((emb.detach(), m.text_proj.weight.grad.clone(),
+                      m.text_tower.embeddings.word_embeddings.weight.grad.clone()))
+    for whole, grouped in zip(*grads):
+        assert torch.allclose(whole, grouped, atol=1e-5)
+    # Left-padded ids cannot be cut at the group's longest caption: one batch then.
+    left = t["attention_mask"].flip(1)
+    assert torch.allclose(m.encode_texts(t["input_ids"].flip(1), left, chunk=3),
+                          m.encode_texts(t["input_ids"].flip(1), left, chunk=len(texts)))

