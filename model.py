@@ -286,9 +286,8 @@ class DualEncoder(nn.Module):
         (to rounding), since padded positions are masked out of attention and pooling; gradients
         flow as through one batch. GPUs keep one batch (one large kernel beats eight small ones;
         MPS would recompile for every new shape). Needs right-padding, as BERT tokenizers do."""
-        if input_ids.device.type != "cpu" or len(input_ids) <= chunk:
-            return self._encode_texts(input_ids, attention_mask)
-        if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):  # left-padded
+        if (input_ids.device.type != "cpu" or len(input_ids) <= chunk
+                or not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):  # or left-padded
             return self._encode_texts(input_ids, attention_mask)
         lengths = attention_mask.sum(1)
         order = torch.argsort(lengths, stable=True)

@@ -104,14 +104,19 @@ def caption_bank(model, tokenizer, data_dir, device):
 
 
 def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_size=64, num_workers=0,
-                   querybank=False, flip=False):
+                   querybank=False, flip=False, image_embeddings=None):
     """Encode one split's photos and captions and return its recall_metrics. querybank: rank with
     querybank normalisation, the banks being the train split's captions and photos. flip: embed
-    each photo averaged with its mirror image (train.py --eval_flip)."""
+    each photo averaged with its mirror image (train.py --eval_flip). image_embeddings: a function
+    of the model (in eval mode) giving the photos' embeddings in EvalSplit order, instead of
+    encoding them (train.py: from the frozen blocks' cached output)."""
     data = EvalSplit(data_dir, split, image_size)
     was_training = model.training
     model.eval()
-    img_emb = encode_image_dataset(model, data.image_dataset, device, batch_size, num_workers, flip=flip)
+    if image_embeddings is not None:
+        img_emb = image_embeddings(model)
+    else:
+        img_emb = encode_image_dataset(model, data.image_dataset, device, batch_size, num_workers, flip=flip)
     txt_emb = encode_texts(model, tokenizer, data.captions, device)
     img_bias = txt_bias = None
     if querybank:

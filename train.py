@@ -39,7 +39,7 @@ from dataset import AugmentedImages, Collate, EvalSplit, PairDataset, read_capti
 from device import keep_freed_memory, pick_device, precision_summary
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import LITE_MODELS, gather_batch, info_nce, load_tokenizer
-from retrieval import encode_texts, evaluate_split, format_metrics, recall_metrics
+from retrieval import evaluate_split, format_metrics
 from schedule import epoch_order, lr_factor, shard_order
 
 
@@ -169,46 +169,34 @@ VAL_CACHE_BYTES = 1 << 30  # Flickr8K val, all 16 Lite0 blocks at 256 px with th
 
 @torch.no_grad()
 def cache_val_trunk(model, n_blocks, data_dir, image_size, flip, device, batch_size=64):
-    """(views, photos, C, h, w) float32 CPU: the frozen image blocks' output on every val photo at
-    the evaluation size (and on its mirror image with flip), computed once so each epoch's
-    validation runs only the tuned top of the image tower (exactly the embeddings evaluate.py
-    gets: frozen blocks are in eval mode). None if that would take over VAL_CACHE_BYTES (early
-    blocks' output is large: validation then encodes the photos every epoch)."""
+    """(views, photos, C, h, w) float32 CPU: the frozen image blocks' output on every val photo
+    (EvalSplit order) at the evaluation size, and on its mirror image with flip, computed once so
+    each epoch's validation runs only the tuned top of the image tower (exactly the embeddings
+    evaluate.py gets: frozen blocks are in eval mode). None if that would take over
+    VAL_CACHE_BYTES (early blocks' output is large: validation then encodes the photos every epoch)."""
     data = EvalSplit(data_dir, "val", image_size)
     was_training = model.training
     model.eval()
     one = model.image_trunk(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), n_blocks)
-    if one.numel() * 4 * len(data.images) * (1 + flip) > VAL_CACHE_BYTES:
-        model.train(was_training)
-        return None
-    views = []
-    for mirror in (False, True)[:1 + flip]:
+    views = None
+    if one.numel() * 4 * len(data.images) * (1 + flip) <= VAL_CACHE_BYTES:
         loader = DataLoader(data.image_dataset, batch_size=batch_size)
-        views.append(torch.cat([model.image_trunk((x.flip(-1) if mirror else x).to(device), n_blocks)
-                                .float().cpu() for x in tqdm(loader, desc="caching val photos", unit="batch",
-                                                             leave=False)]))
+        views = torch.stack([torch.cat([model.image_trunk((x.flip(-1) if mirror else x).to(device), n_blocks)
+                                        .float().cpu() for x in tqdm(loader, desc="caching val photos",
+                                                                     unit="batch", leave=False)])
+                             for mirror in (False, True)[:1 + flip]])
     model.train(was_training)
-    return data, torch.stack(views)
+    return views
 
 
 @torch.no_grad()
 def val_image_embeddings(model, trunk, n_blocks, device, batch_size=64):
     """(photos, D): the val photos' embeddings from cache_val_trunk's blocks (averaged over the
-    mirror image when it holds two views), as encode_images(photos, flip) gives them."""
+    mirror image when it holds two views), as encode_images(photos, flip) gives them; the model
+    must be in eval mode (the tuned blocks' BatchNorm)."""
     emb = sum(torch.cat([model.encode_image_trunk(f.to(device), n_blocks).cpu() for f in view.split(batch_size)])
               for view in trunk)
     return F.normalize(emb, dim=-1)
-
-
-@torch.no_grad()
-def validate(model, tokenizer, data, trunk, n_blocks, device):
-    """recall_metrics of the val split from cache_val_trunk's output (data, trunk)."""
-    was_training = model.training
-    model.eval()
-    img_emb = val_image_embeddings(model, trunk, n_blocks, device)
-    txt_emb = encode_texts(model, tokenizer, data.captions, device)
-    model.train(was_training)
-    return recall_metrics(img_emb, txt_emb, data.caption_image)
 
 
 def plot_curves(history, path):
@@ -405,13 +393,12 @@ def end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss
     checkpoints, write metrics.jsonl and the curves, print one line (rank 0 only). val:
     cache_val_trunk's output."""
     epoch = state["epoch"]
-    if epoch + 1 < args.validate_from and not final:
-        metrics = None
-    elif val is not None:
-        metrics = validate(model, tokenizer, *val, args.freeze_image_blocks, device)
-    else:
+    metrics = None
+    if epoch + 1 >= args.validate_from or final:
+        cached = None if val is None else lambda m: val_image_embeddings(m, val, args.freeze_image_blocks, device)
         metrics = evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(model_args), device,
-                                 num_workers=min(args.num_workers, 2), flip=model_args.get("eval_flip", False))
+                                 num_workers=min(args.num_workers, 2), flip=model_args.get("eval_flip", False),
+                                 image_embeddings=cached)
     state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": loss, "pairs_per_s": pairs_per_s,
                              "logit_scale": model.logit_scale.exp().item(), "val": metrics})
     improved = metrics is not None and metrics["rsum"] > state["best_rsum"]

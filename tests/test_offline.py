@@ -142,6 +142,7 @@ def test_validation_on_cached_val_blocks_matches_evaluate_split(tiny_data, flip,
     # computed once: the figures must be evaluate_split's, at the evaluation size and mirror option.
     pytest.importorskip("efficientnet_lite_pytorch")
     import retrieval
+    from dataset import EvalSplit
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     m = model.DualEncoder("efficientnet_lite0", os.path.join(tiny_data, "text_encoder"), embedding_dim=32,
@@ -151,9 +152,12 @@ def test_validation_on_cached_val_blocks_matches_evaluate_split(tiny_data, flip,
     monkeypatch.setattr(train, "VAL_CACHE_BYTES", 0)  # too large a cache: validation encodes the photos
     assert train.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu) is None
     monkeypatch.undo()
-    data, trunk = train.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
+    data = EvalSplit(tiny_data, "val", 72)
+    trunk = train.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
     assert trunk.shape[:2] == (1 + flip, len(data.images)) and m.training
-    got = train.validate(m, tok, data, trunk, 16, cpu)
+    got = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip,
+                                   image_embeddings=lambda mm: train.val_image_embeddings(mm, trunk, 16, cpu))
+    assert m.training  # evaluate_split puts it back
     want = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip)
     for d in ("t2i", "i2t"):
         assert got[d] == pytest.approx(want[d], rel=1e-6)
