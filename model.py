@@ -9,6 +9,7 @@ Text tower: any Hugging Face encoder (distilbert-base-uncased by default) or a l
 Both are projected into one `embedding_dim` space and L2-normalised there.
 """
 
+import contextlib
 import importlib
 import json
 import math
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from device import autocast
 
@@ -41,6 +43,10 @@ class _EfficientNetLiteFeatures(nn.Module):
         super().__init__()
         self.net = net
         self.num_blocks = len(net._blocks)
+        # train.py --recompute_image_blocks: keep only each tuned block's input for the backward
+        # pass and run the block again there (torch.utils.checkpoint), instead of keeping its
+        # activations: at batch 512 on a CPU (fp32) those are most of the peak memory.
+        self.recompute = False
 
     def trunk(self, x, n):
         """Stem and blocks [0, n): (B, 3, H, W) -> (B, C, H/s, W/s)."""
@@ -50,15 +56,26 @@ class _EfficientNetLiteFeatures(nn.Module):
 
     def top(self, x, n):
         """Blocks [n, 16), the 1x1 head convolution and average pooling -> (B, 1280)."""
+        return self.top_map(x, n).mean((2, 3))
+
+    def top_map(self, x, n):
+        """top(x, n) before the pooling: (B, 1280, h, w), a feature per image region."""
         net = self.net
         x = self._blocks(x, n, self.num_blocks)
-        return net._swish(net._bn1(net._conv_head(x))).mean((2, 3))
+        return net._swish(net._bn1(net._conv_head(x)))
 
     def _blocks(self, x, start, stop):
         # Stochastic depth as in the package's extract_features: the rate grows with depth.
         rate = self.net._global_params.drop_connect_rate or 0.0
         for idx in range(start, stop):
-            x = self.net._blocks[idx](x, drop_connect_rate=rate * idx / self.num_blocks)
+            block = self.net._blocks[idx]
+            if self.recompute and block.training and torch.is_grad_enabled():
+                # The second run sees the same batch statistics and stochastic-depth draws (the
+                # RNG state is restored), and must not update BatchNorm's running statistics again.
+                x = checkpoint(block, x, drop_connect_rate=rate * idx / self.num_blocks, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), _running_stats_kept(b)))
+            else:
+                x = block(x, drop_connect_rate=rate * idx / self.num_blocks)
         return x
 
     def trunk_modules(self, n):
@@ -67,6 +84,21 @@ class _EfficientNetLiteFeatures(nn.Module):
 
     def forward(self, x):
         return self.top(self.trunk(x, 0), 0)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(module):
+    """BatchNorm layers of `module` normalise as usual but leave their running statistics as they were."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
 
 
 def build_image_tower(name, pretrained=True, weights_path=None):

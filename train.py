@@ -75,6 +75,9 @@ def get_args(argv=None):
     p.add_argument("--image_cache_views", type=non_negative_int, default=0,
                    help="precompute the frozen blocks' output for N augmented views of each "
                         "photo once, and train the rest of the image tower on them (0: off)")
+    p.add_argument("--recompute_image_blocks", action="store_true",
+                   help="run the tuned efficientnet_lite blocks again in the backward pass instead of "
+                        "keeping their activations: the same steps in less memory")
     p.add_argument("--freeze_text_layers", type=int_at_least(-1), default=-1,
                    help="keep the word embeddings and the first N text layers fixed (-1: none)")
     p.add_argument("--temperature", type=positive_float, default=0.07, help="initial softmax temperature")
@@ -109,6 +112,8 @@ def get_args(argv=None):
         p.error("--freeze_image_blocks needs an efficientnet_lite --image_encoder")
     if args.freeze_image_blocks > LITE_MODELS.get(args.image_encoder, 0):
         p.error(f"--freeze_image_blocks: {args.image_encoder} has {LITE_MODELS[args.image_encoder]} blocks")
+    if args.recompute_image_blocks and args.image_encoder not in LITE_MODELS:
+        p.error("--recompute_image_blocks needs an efficientnet_lite --image_encoder")
     if args.image_cache_views and not args.freeze_image_blocks:
         p.error("--image_cache_views needs --freeze_image_blocks (the blocks whose output is cached)")
     if args.validate_from > args.epochs:
@@ -340,6 +345,7 @@ def build_model(args, device, master):
     model = model_from_args(model_args, pretrained=None if ckpt is None else False).to(device)
     if args.freeze_image:
         model.image_tower.requires_grad_(False)
+    model.image_tower.recompute = args.recompute_image_blocks
     for m in frozen_modules(model, args):
         m.requires_grad_(False)
     tokenizer = load_tokenizer(model_args["text_encoder"])

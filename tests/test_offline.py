@@ -185,3 +185,28 @@ def test_cached_views_first_is_the_photo_then_fixed_random_crops(tiny_data):
     crop = AugmentedImages(pairs, 1)[3]
     assert crop.shape == (3, 64, 64) and not torch.equal(crop, pairs.store[3])
     assert torch.equal(crop, AugmentedImages(pairs, 1)[3])
+
+
+def test_recomputed_image_blocks_give_the_same_step_with_less_kept():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    runs = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        tower, _, _, _ = model.build_image_tower("efficientnet_lite0", pretrained=False)
+        assert tower.net._global_params.drop_connect_rate > 0  # stochastic depth: the RNG must replay
+        tower.train()
+        tower.recompute = recompute
+        calls = []
+        tower.net._blocks[12].register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        feats = tower.trunk(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)), 11).detach()
+        torch.manual_seed(2)
+        out = tower.top(feats, 11)
+        out.pow(2).sum().backward()
+        runs.append((out.detach(), {n: p.grad for n, p in tower.named_parameters() if p.grad is not None},
+                     {n: b.clone() for n, b in tower.state_dict().items() if "running" in n or "batches" in n},
+                     len(calls)))
+    (out0, grads0, stats0, calls0), (out1, grads1, stats1, calls1) = runs
+    assert (calls0, calls1) == (1, 2)  # block 12 really ran again in the backward pass
+    assert torch.allclose(out0, out1) and grads0.keys() == grads1.keys() and len(grads0) > 0
+    assert all(torch.allclose(grads0[n], grads1[n], atol=1e-6) for n in grads0)
+    assert all(torch.equal(stats0[n], stats1[n]) for n in stats0)  # running statistics updated once
