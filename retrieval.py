@@ -52,7 +52,8 @@ def encode_texts(model, tokenizer, texts, device, batch_size=256, desc="encoding
     return torch.cat(out)
 
 
-def _summary(ranks):
+def rank_summary(ranks):
+    """Recall@K (percent), mean and median rank of a tensor of 1-based ranks."""
     ranks = ranks.double()
     return {**{f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in KS},
             "mean_rank": ranks.mean().item(), "median_rank": ranks.median().item()}
@@ -69,6 +70,13 @@ def querybank_bias(gallery, bank, scale, chunk=2048):
     return torch.cat([torch.logsumexp(scale * (bank @ g.float().T), 0) / scale for g in gallery.split(chunk)])
 
 
+def t2i_ranks(scores, caption_image):
+    """(Q,) rank of each caption's photo in its row of scores (Q, N): 1 + the number of other
+    photos scoring at least as high (ties count against the model)."""
+    target = scores[torch.arange(len(scores)), caption_image]
+    return (scores >= target[:, None]).sum(1)
+
+
 def recall_metrics(img_emb, txt_emb, caption_image, img_bias=None, txt_bias=None):
     """Recall@K, mean and median rank in both directions.
 
@@ -80,10 +88,7 @@ def recall_metrics(img_emb, txt_emb, caption_image, img_bias=None, txt_bias=None
     """
     sims = txt_emb.float() @ img_emb.float().T  # (Q, N)
     q = torch.arange(len(sims))
-    t2i_sims = sims if img_bias is None else sims - img_bias[None, :]
-    target = t2i_sims[q, caption_image]  # (Q,)
-    # 1 + the number of other photos scoring at least as high as the target.
-    t2i = (t2i_sims >= target[:, None]).sum(1)
+    t2i = t2i_ranks(sims if img_bias is None else sims - img_bias[None, :], caption_image)
     # Image -> text: the best-scoring own caption of each photo, then the other captions above it.
     i2t_sims = sims if txt_bias is None else sims - txt_bias[:, None]
     target = i2t_sims[q, caption_image]
@@ -91,7 +96,7 @@ def recall_metrics(img_emb, txt_emb, caption_image, img_bias=None, txt_bias=None
     best_own = torch.full((n,), float("-inf")).scatter_reduce(0, caption_image, target, "amax")
     own = caption_image[None, :] == torch.arange(n)[:, None]  # (N, Q)
     i2t = ((i2t_sims.T >= best_own[:, None]) & ~own).sum(1) + 1
-    metrics = {"t2i": _summary(t2i), "i2t": _summary(i2t)}
+    metrics = {"t2i": rank_summary(t2i), "i2t": rank_summary(i2t)}
     metrics["rsum"] = sum(metrics[d][f"R@{k}"] for d in ("t2i", "i2t") for k in KS)
     metrics["n_images"], metrics["n_queries"] = n, len(sims)
     return metrics

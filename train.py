@@ -408,7 +408,8 @@ def end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss
     state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": loss, "pairs_per_s": pairs_per_s,
                              "logit_scale": model.logit_scale.exp().item(), "val": metrics})
     improved = metrics is not None and metrics["rsum"] > state["best_rsum"]
-    state["best_rsum"] = max(state["best_rsum"], metrics["rsum"]) if metrics else state["best_rsum"]
+    if improved:
+        state["best_rsum"] = metrics["rsum"]
     # Until here a Ctrl-C saves (epoch, all its steps done): a resume goes straight to validation.
     state["epoch"], state["epoch_step"] = epoch + 1, 0
     save(os.path.join(args.model_dir, "last.pt"), model, model_args, state, optimizer)

@@ -27,7 +27,7 @@ from cli import non_negative_int, positive_int  # noqa: E402
 from dataset import EvalSplit, tokenize  # noqa: E402
 from device import autocast, pick_device  # noqa: E402
 from model import mean_pool  # noqa: E402
-from retrieval import KS, querybank_bias, recall_metrics  # noqa: E402
+from retrieval import querybank_bias, rank_summary, recall_metrics, t2i_ranks  # noqa: E402
 
 ROWS = 250  # captions re-ranked at once: their candidates' regions take 250 x k x 64 x 512 floats
 
@@ -110,13 +110,6 @@ def rerank(base, k, score_fn):
         # Shifted above every other score, in their own order.
         out[rows] = out[rows].scatter(1, top[rows], new - new.min() + base.max() + 1)
     return out
-
-
-def t2i_recalls(scores, caption_image):
-    """Text->image R@1/5/10 and median rank of a (Q, N) score matrix (ties count against)."""
-    q = torch.arange(len(scores))
-    ranks = (scores >= scores[q, caption_image][:, None]).sum(1).double()
-    return {**{f"R@{k}": 100.0 * (ranks <= k).double().mean().item() for k in KS}, "median_rank": ranks.median().item()}
 
 
 class LateHead(nn.Module):
@@ -221,7 +214,7 @@ def main(argv=None):
         return rerank(base, args.rerank_k, lambda r, cand: base[r].gather(1, cand) + w * late[r])
 
     weights = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
-    best_w = max(weights, key=lambda w: t2i_recalls(with_weight(w)[even], ci[even])["R@1"])
+    best_w = max(weights, key=lambda w: rank_summary(t2i_ranks(with_weight(w)[even], ci[even]))["R@1"])
     rows[f"querybank + untrained late interaction, top {args.rerank_k}, weight {best_w} (picked on even captions)"] = \
         with_weight(best_w)
 
@@ -248,7 +241,7 @@ def main(argv=None):
     print(f"{args.checkpoint} on {data_dir} [val], text->image (image->text R@1 {i2t:.1f} by cosine):")
     print(f"{'ranking':100}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'med':>6}{'R@1 odd':>9}")
     for name, scores in rows.items():
-        m, odd = t2i_recalls(scores, ci), t2i_recalls(scores[~even], ci[~even])
+        m, odd = rank_summary(t2i_ranks(scores, ci)), rank_summary(t2i_ranks(scores[~even], ci[~even]))
         print(f"{name:100}{m['R@1']:7.2f}{m['R@5']:7.2f}{m['R@10']:7.2f}{m['median_rank']:6.0f}{odd['R@1']:9.2f}")
     return 0
 

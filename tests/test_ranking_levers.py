@@ -64,9 +64,9 @@ def test_rerank_reorders_only_the_top_k():
     assert torch.equal(full.argsort(1, descending=True), new.argsort(1, descending=True))
 
 
-def test_t2i_recalls_count_ties_against_the_model():
+def test_t2i_ranks_of_a_score_matrix_count_ties_against_the_model():
     scores = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.5, 0.1], [0.3, 0.2, 0.1]])
-    m = levers.t2i_recalls(scores, torch.tensor([0, 1, 2]))  # ranks 1, 2, 3
+    m = levers.rank_summary(levers.t2i_ranks(scores, torch.tensor([0, 1, 2])))  # ranks 1, 2, 3
     assert (m["R@1"], m["R@5"], m["median_rank"]) == (pytest.approx(100 / 3), 100.0, 2.0)
 
 
