@@ -25,7 +25,7 @@ MODEL_ARGS = ("image_encoder", "text_encoder", "embedding_dim", "text_pooling", 
 LATER_MODEL_ARGS = ("no_pretrained", "image_weights", "text_config", "eval_image_size", "eval_flip", "querybank")
 
 
-def model_from_args(args, pretrained=None, text_tower=None):
+def model_from_args(args, pretrained=None):
     """Build a DualEncoder from a dict of train.py's arguments."""
     if pretrained is None:
         pretrained = not args.get("no_pretrained", False)
@@ -33,7 +33,7 @@ def model_from_args(args, pretrained=None, text_tower=None):
                        embedding_dim=args["embedding_dim"], text_pooling=args["text_pooling"],
                        temperature=args["temperature"], fixed_temperature=args["fixed_temperature"],
                        pretrained=pretrained, image_weights=args.get("image_weights"),
-                       text_config=args.get("text_config"), amp=args.get("amp", True), text_tower=text_tower)
+                       text_config=args.get("text_config"), amp=args.get("amp", True))
 
 
 def eval_image_size(args):
@@ -99,35 +99,13 @@ def load_weights(model, state, path):
                          "from another version or configuration. Use a checkpoint written by this train.py.")
 
 
-def load_model(path, device, plain_text=False):
+def load_model(path, device):
     """Rebuild the model of a checkpoint from its own args: no flag has to be repeated, and no
-    pretrained weights are fetched. Returns (model in eval mode, tokenizer, ckpt).
-    plain_text: run the text tower and tokenizer without transformers where plain_text.py can
-    (search.py's cold start); the embeddings are the same."""
+    pretrained weights are fetched. Returns (model in eval mode, tokenizer, ckpt)."""
     ckpt = read_checkpoint(path)
     args = ckpt["args"]
-    # train.py saves the tokenizer beside its checkpoints, so search works offline.
-    tok_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
-    if plain_text:
-        import plain_text as pt
-        if pt.usable(tok_dir, args.get("text_config") or {}):
-            try:
-                tokenizer = pt.PlainTokenizer(tok_dir)
-            except Exception as e:  # tokenizers raises plain Exceptions for a damaged file
-                raise SystemExit(f"error: the tokenizer saved beside {path} ({tok_dir}) cannot be read "
-                                 f"({_first_line(e)}); copy it again from the training run's model_dir.")
-            prefix = "text_tower."
-            text_state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-            tower = pt.PlainTextTower(args["text_config"], text_state)
-            model = model_from_args(args, pretrained=False, text_tower=tower)
-            # The same weights under the plain tower's buffer names: a strict load still checks all.
-            state = {k: v for k, v in ckpt["model"].items() if not k.startswith(prefix)}
-            state.update({prefix + k.replace(".", "__"): v for k, v in text_state.items()})
-            load_weights(model, state, path)
-            return model.to(device).eval(), tokenizer, ckpt
-    # The checkpoint overwrites every weight, so skip the random initialisation: it is ~90% of
-    # building MobileNetV3-small + DistilBERT (0.4 of 0.45 CPU-seconds here, 1.6 of 1.8 s of wall
-    # time on a busy 2-core CPU), and every cold `search.py --query` and evaluate.py pays it.
+    # The checkpoint overwrites every weight, so skip the random initialisation: it is most of the
+    # time of building the towers, which every evaluate.py and PyTorch search would pay.
     try:
         from transformers.modeling_utils import no_init_weights
     except ImportError:  # moved in some release: then initialise as usual
@@ -135,5 +113,7 @@ def load_model(path, device, plain_text=False):
     with no_init_weights():
         model = model_from_args(args, pretrained=False)
     load_weights(model, ckpt["model"], path)
+    # train.py saves the tokenizer beside its checkpoints, so search works offline.
+    tok_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
     tokenizer = load_tokenizer(tok_dir if os.path.isdir(tok_dir) else args["text_encoder"])
     return model.to(device).eval(), tokenizer, ckpt

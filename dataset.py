@@ -16,14 +16,13 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+import photos
 from atomic import atomic_path, atomic_write
+from photos import IMAGE_EXTENSIONS
 
-# What search.py indexes in a personal folder.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # What preprocess_flickr8k.py admits into a dataset: no GIF or TIFF, since a training set is still
 # photos (an animation's first frame, a scan) while a personal folder holds whatever it holds.
 DATASET_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e not in (".gif", ".tif", ".tiff"))
@@ -65,52 +64,11 @@ def write_captions(data_dir, rows):
         writer.writerows(rows)
 
 
-def open_rgb(path, size):
-    """Open any photo as an upright RGB PIL image, at least `size` pixels a side unless smaller.
-
-    Handles what a personal photo folder holds: EXIF orientation, greyscale, 16-bit, CMYK,
-    palette and transparent images (composited on white), the first frame of an animation.
-    Raises (OSError, ValueError, ...) on an unreadable file, and on one above Pillow's
-    MAX_IMAGE_PIXELS (89 MP): such a header more likely belongs to a decompression bomb.
-    """
-    with Image.open(path) as img:
-        # Checked here, not by turning Pillow's warning into an error: warning filters are
-        # process-wide, and serve.py decodes in several threads at once.
-        if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
-            raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels, more than "
-                                               f"{Image.MAX_IMAGE_PIXELS}: a decompression bomb?")
-        # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale straight from the DCT: a 500x375
-        # photo bound for 224 pixels decodes about 2x faster and the result is the same size.
-        img.draft("RGB", (size, size))
-        try:
-            img = ImageOps.exif_transpose(img)
-        except Exception:  # a broken EXIF block does not make the pixels unreadable
-            img = img.copy()
-        return _to_rgb(img)
-
-
-def _to_rgb(img):
-    if img.mode.startswith("I"):
-        # 16- and 32-bit greyscale: convert() would clip at 255 and turn most pixels white.
-        arr = np.asarray(img, dtype=np.float32)
-        if img.mode.startswith("I;16") or arr.max() > 255:
-            arr = arr / 257.0
-        img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        # Transparent regions hold arbitrary colours (often black); show them on white.
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
-    return img.convert("RGB")
-
-
 def read_image(path, size):
-    """Decode one image file to a (3, size, size) uint8 tensor: shorter side to `size`, centre crop.
-
-    The one decoder of model inputs (datasets, the image cache, the gallery index, search's --image),
-    so a photo has the same pixels, and the same embedding, whichever way it comes in.
-    """
-    img = ImageOps.fit(open_rgb(path, size), (size, size), Image.Resampling.BILINEAR)
-    # np.array: a writable copy, which torch.from_numpy takes without a warning
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    """Decode one image file to a (3, size, size) uint8 tensor (photos.read_image): the one decoder
+    of model inputs, so a photo has the same pixels, and the same embedding, whichever way it
+    comes in."""
+    return torch.from_numpy(photos.read_image(path, size))
 
 
 def _cache_paths(data_dir, split, size):

@@ -5,18 +5,13 @@ a result. What search.py and serve.py share. Example:
     python -c "import gallery; print(gallery.slug('a dog running through snow'))"
 """
 
+import csv
 import hashlib
 import os
 import sys
 
-import torch
-
-from atomic import atomic_path
-from checkpoint import eval_image_size
 from cli import non_negative_int, positive_int
-from dataset import read_captions
-from index import GalleryIndex, model_fingerprint, scan_folder
-from retrieval import caption_bank, encode_texts, querybank_bias
+from index import GalleryIndex, querybank_bias, scan_folder
 
 
 def log(msg):
@@ -39,11 +34,21 @@ def readable(text):
 
 
 def gallery_images(data_dir, use_test_set):
-    """Sorted image names: the test split's, or every image the dataset lists."""
+    """Sorted image names: the test split's, or every image the dataset lists (read with the csv
+    module: search needs neither pandas nor dataset.py's PyTorch)."""
     path = os.path.join(data_dir, "captions.csv")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; pass --data_dir, or --images_dir to search your own photos.")
-    return sorted(read_captions(data_dir, "test" if use_test_set else None)["image"].unique())
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        names = {r["image"] for r in rows if not use_test_set or r["split"] == "test"}
+    except (UnicodeDecodeError, csv.Error, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is not the UTF-8 CSV that preprocess_flickr8k.py writes "
+                         f"({type(e).__name__}: {e}); rerun preprocess_flickr8k.py.")
+    if not rows:
+        raise SystemExit(f"error: {path} holds no captions; rerun preprocess_flickr8k.py.")
+    return sorted(names)
 
 
 def flickr_files(root, names):
@@ -60,46 +65,6 @@ def flickr_files(root, names):
     return files
 
 
-def querybank_source(args, ckpt):
-    """The dataset whose training captions are the querybank of a checkpoint trained with
-    --querybank, or None: rank by cosine similarity."""
-    if not ckpt["args"].get("querybank"):
-        return None
-    data_dir = args.data_dir or ckpt["args"].get("data_dir") or ""
-    if os.path.isfile(os.path.join(data_dir, "captions.csv")):
-        return data_dir
-    log(f"warning: {args.checkpoint} ranks with querybank normalisation, which needs its training "
-        f"captions ({os.path.join(data_dir, 'captions.csv')}: not found); ranking by cosine similarity "
-        "instead. Pass --data_dir to point at them.")
-    return None
-
-
-def bank_name(data_dir):
-    """Names the caption bank of a dataset: its folder and its captions.csv's size and time."""
-    st = os.stat(os.path.join(data_dir, "captions.csv"))
-    return f"{os.path.realpath(data_dir)}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def stored_caption_bank(model, tokenizer, data_dir, device, path, fingerprint):
-    """retrieval.caption_bank, kept in `path` (float16, 30 MB for Flickr8K's 30,000 captions): photos
-    added to an index later need no second encoding of the bank (a minute or two on 2 cores).
-    `fingerprint` (model_fingerprint with the bank's name) says which model and bank it is."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if data["key"] == fingerprint:
-            return data["bank"].float()
-    except Exception:
-        pass  # missing, damaged or another model's: encode it
-    bank = caption_bank(model, tokenizer, data_dir, device).half()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save({"key": fingerprint, "bank": bank}, tmp)
-    except OSError:
-        pass  # a read-only folder: encode again next time
-    return bank.float()  # the same float16-rounded bank whether just encoded or read back
-
-
 def add_gallery_args(p, batch_size, num_workers):
     """The flags that choose a gallery, its index and the model, for search.py and serve.py."""
     # gallery
@@ -110,10 +75,14 @@ def add_gallery_args(p, batch_size, num_workers):
     p.add_argument("--batch_size", type=positive_int, default=batch_size,
                    help="photos per encoding batch while indexing")
     p.add_argument("--num_workers", type=non_negative_int, default=num_workers,
-                   help="processes decoding photos while indexing")
+                   help="threads decoding photos while indexing")
     # model
     p.add_argument("--checkpoint", default="models/best.pt", help="trained checkpoint")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"],
+                   help="onnx: the checkpoint's export on onnxruntime; torch: PyTorch; auto: the export when "
+                        "it is current, else PyTorch")
+    p.add_argument("--device", default="auto",
+                   help="PyTorch's device: auto (cuda, then mps, then cpu), cuda, mps or cpu")
 
 
 def check_gallery_args(p, args):
@@ -126,13 +95,12 @@ def check_gallery_args(p, args):
 class Gallery:
     """The photos a checkpoint searches (args.images_dir, recursively, or Flickr8K's) and their
     index file: `ix` is the index as stored, `scan()` lists the photos now, `update()` brings an
-    index up to date with them and `save()` keeps it. args: search.py's and serve.py's flags."""
+    index up to date with them and `save()` keeps it. args: search.py's and serve.py's flags;
+    encoder: encoder.py's, which embeds the photos and queries."""
 
-    def __init__(self, args, model, tokenizer, ckpt):
-        self.model, self.args = model, args
-        self.image_size = eval_image_size(ckpt["args"])
-        self.flip = ckpt["args"].get("eval_flip", False)  # each photo averaged with its mirror image
-        self.device = next(model.parameters()).device
+    def __init__(self, args, encoder):
+        self.encoder, self.args = encoder, args
+        self.image_size, self.flip = encoder.image_size, encoder.flip
         if args.images_dir:
             self.shown_root = args.images_dir
             self.root = os.path.realpath(args.images_dir)
@@ -140,28 +108,27 @@ class Gallery:
             name = f"{slug(os.path.basename(self.root) or 'root', 30)}-" \
                    f"{hashlib.sha1(self.root.encode(errors='surrogateescape')).hexdigest()[:8]}"
         else:
-            self.data_dir = args.data_dir or ckpt["args"]["data_dir"]
+            self.data_dir = args.data_dir or encoder.args["data_dir"]
             self.shown_root = os.path.join(self.data_dir, "images")
             self.root = os.path.realpath(self.shown_root)
             name = "test" if args.use_test_set else "all"
         # Beside the checkpoint, not in the photo folder: that may be read-only, synced or shared.
         self.index_dir = args.index_dir or os.path.dirname(os.path.abspath(args.checkpoint))
         stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-        self.path = os.path.join(self.index_dir, f"index_{stem}_{name}.pt")
-        qb_dir = querybank_source(args, ckpt)
-        bank = bank_name(qb_dir) if qb_dir is not None else ""
-        fingerprint = model_fingerprint(model, self.image_size, self.flip, bank)
-        self.ix = GalleryIndex.open(self.path, fingerprint, self.root, model.image_proj.out_features,
+        self.path = os.path.join(self.index_dir, f"index_{stem}_{name}.npz")
+        # Which querybank the photos' biases come from ("": none, rank by cosine similarity).
+        self.bank_dir = args.data_dir or encoder.args.get("data_dir") or ""
+        self.bank_key = encoder.querybank_key(self.bank_dir) if encoder.args.get("querybank") else ""
+        self.bank_cache = os.path.join(self.index_dir, f"querybank_{stem}.npy")
+        self.ix = GalleryIndex.open(self.path, encoder.fingerprint, self.root, encoder.dim,
                                     os.path.abspath(args.checkpoint), log)
-        self.fingerprint, self.qb_dir, self.tokenizer, self.stem = fingerprint, qb_dir, tokenizer, stem
         self.bias_fn = None
 
     def make_bias_fn(self):
-        """For GalleryIndex.update: gives new photos their querybank bias; reads the caption bank once."""
+        """For GalleryIndex.update: gives photos their querybank bias; reads the caption bank once."""
         if self.bias_fn is None:
-            bank = stored_caption_bank(self.model, self.tokenizer, self.qb_dir, self.device,
-                                       os.path.join(self.index_dir, f"querybank_{self.stem}.pt"), self.fingerprint)
-            scale = self.model.logit_scale.exp().item()
+            bank = self.encoder.caption_bank(self.bank_dir, self.bank_cache, self.bank_key)
+            scale = self.encoder.logit_scale
             self.bias_fn = lambda emb: querybank_bias(emb, bank, scale)
         return self.bias_fn
 
@@ -172,8 +139,8 @@ class Gallery:
         return flickr_files(self.root, gallery_images(self.data_dir, self.args.use_test_set))
 
     def update(self, ix, files):
-        return ix.update(files, self.model, self.image_size, self.device, self.args.batch_size,
-                         self.args.num_workers, self.make_bias_fn if self.qb_dir is not None else None, self.flip)
+        return ix.update(files, self.encoder, self.args.batch_size, self.args.num_workers,
+                         self.make_bias_fn if self.bank_key else None, self.bank_key)
 
     def save(self, ix):
         try:
@@ -184,14 +151,11 @@ class Gallery:
                 "pass --index_dir with a writable folder to keep it between runs.")
 
 
-@torch.no_grad()
-def encode_query(model, tokenizer, texts=None, images=None, flip=False):
-    """(Q, D) float32 CPU embeddings of text queries, or of photo queries (Q, 3, S, S) uint8
-    (flip: as model.encode_images, the checkpoint's eval_flip)."""
-    device = next(model.parameters()).device
+def encode_query(encoder, texts=None, images=None):
+    """(Q, D) float32 embeddings of text queries, or of photo queries (Q, 3, S, S) uint8."""
     if images is not None:
-        return model.encode_images(images.to(device), flip).cpu()
-    return encode_texts(model, tokenizer, texts, device, desc="encoding queries")
+        return encoder.encode_images(images)
+    return encoder.encode_texts(texts)
 
 
 def top_hits(ix, q_emb, k, text):

@@ -1,47 +1,46 @@
 """The gallery index: image embeddings of a folder of photos, kept up to date incrementally, and
-exact top-k search over them. Example:
+exact top-k search over them, in NumPy (no PyTorch: search runs on the ONNX export). Example:
 
-    python -c "import index; ix = index.GalleryIndex.load('models/index_best_all.pt'); print(len(ix))"
+    python -c "import index; ix = index.GalleryIndex.load('models/index_best_all.npz'); print(len(ix))"
 
 Embeddings are stored as float16, 1 KB a photo at D=512, and searched exhaustively in chunks
 (no approximation); the top candidates of each chunk are rescored in float32. The index
-records a fingerprint of the model that made it, so embeddings of two models never mix. For a
-model trained with --querybank it also keeps each photo's querybank bias, which text queries'
-scores are lowered by (retrieval.querybank_bias).
+records a fingerprint of the checkpoint that made it (encoder.index_key), so embeddings of two
+models never mix. For a model trained with --querybank it also keeps each photo's querybank
+bias, which text queries' scores are lowered by (querybank_bias).
 
 gallery.py builds on it: the photos and index file of a checkpoint's gallery, and its queries.
 """
 
 import copy
-import hashlib
+import json
 import os
-import queue
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+import numpy as np
 
 from atomic import atomic_path
-from dataset import IMAGE_EXTENSIONS, read_image
+from photos import IMAGE_EXTENSIONS, read_or_blank
 
-INDEX_VERSION = 2  # 2: a querybank bias per photo
-CHUNK_ROWS = 16384  # 16 MB of float16 at D=512: few enough chunks, small enough to stay in cache
+INDEX_VERSION = 3  # 3: NumPy arrays in a .npz file, tied to the checkpoint file
+CHUNK_ROWS = 16384  # 32 MB of float32 at D=512 per chunk: few enough chunks, small enough to stay in cache
 RESCORE_EXTRA = 16  # candidates kept beyond k for the float32 rescoring: room for float16 rounding
 
 
-def model_fingerprint(model, image_size, flip=False, querybank=""):
-    """A hash of everything that maps a photo to its embedding (the image tower, the image
-    projection, the input size and `flip`, the mirror-image averaging) and, given `querybank` (a
-    string naming the caption bank), to its bias (the text tower too). Copying a checkpoint keeps
-    it; retraining changes it."""
-    h = hashlib.sha256(f"image_size={image_size}{',flip' if flip else ''}"
-                       f"{',querybank=' + querybank if querybank else ''}".encode())
-    for name, t in sorted(model.state_dict().items()):
-        if querybank or name.startswith(("image_tower.", "image_proj.")):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
-    return h.hexdigest()[:16]
+def querybank_bias(gallery, bank, scale, chunk=2048):
+    """Querybank normalisation (Bogolin et al., CVPR 2022, with the inverted softmax of Smith et
+    al., ICLR 2017): for each gallery embedding (N, D), the log-sum-exp of `scale` times its
+    similarity to a bank of training queries (M, D), over `scale`. Subtracted from every query's
+    similarity, it demotes hubs, items close to many queries that otherwise crowd the top of
+    many rankings. Uses training data only. Returns (N,) float32."""
+    bank = np.asarray(bank, dtype=np.float32)
+    out = [np.empty(0, np.float32)]
+    for lo in range(0, len(gallery), chunk):
+        s = scale * (bank @ np.asarray(gallery[lo:lo + chunk], dtype=np.float32).T)  # (M, c)
+        top = s.max(0)
+        out.append((top + np.log(np.exp(s - top).sum(0))) / scale)
+    return np.concatenate(out).astype(np.float32)
 
 
 def scan_folder(root):
@@ -65,42 +64,39 @@ def scan_folder(root):
     return files
 
 
-class ImageFiles(Dataset):
-    """Image files for encoding. Item: (uint8 (3, S, S), '' or why the file could not be read)."""
+def encode_image_files(encoder, paths, image_size, batch_size=32, num_workers=0):
+    """Encode image files in order with encoder.encode_images, decoding them in `num_workers`
+    threads (Pillow decodes without the GIL) a batch or two ahead. Returns (emb (M, D) float16 of
+    the readable ones, errors: one string per file done, '' where it was read), and stops early on
+    Ctrl-C, so len(errors) < len(paths) means interrupted."""
+    from tqdm import tqdm  # here: a search over an indexed gallery need not import it
+    embs, errors = [np.empty((0, encoder.dim), np.float16)], []
+    batches = iter([paths[i:i + batch_size] for i in range(0, len(paths), batch_size)])
+    pool = ThreadPoolExecutor(max(1, num_workers))
+    ahead = deque()
 
-    def __init__(self, paths, image_size):
-        self.paths = paths
-        self.image_size = image_size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return read_image(self.paths[i], self.image_size), ""
-        except Exception as e:  # any undecodable file is reported and skipped, never a crash
-            s = self.image_size
-            return torch.zeros(3, s, s, dtype=torch.uint8), f"{type(e).__name__}: {e}"[:200]
-
-
-@torch.no_grad()
-def encode_image_files(model, paths, image_size, device, batch_size=32, num_workers=0, flip=False):
-    """Encode image files in order (flip: as model.encode_images). Returns (emb (M, D) float16 of the readable ones,
-    errors: one string per file done, '' where it was read), and stops early on Ctrl-C,
-    so len(errors) < len(paths) means interrupted."""
-    loader = DataLoader(ImageFiles(paths, image_size), batch_size=batch_size, num_workers=num_workers)
-    embs, errors = [torch.empty(0, model.image_proj.out_features, dtype=torch.float16)], []
+    def submit():
+        batch = next(batches, None)
+        if batch is not None:
+            ahead.append([pool.submit(read_or_blank, p, image_size) for p in batch])
     try:
         with tqdm(total=len(paths), desc="indexing photos", unit="photo") as bar:
-            for images, errs in loader:
-                ok = torch.tensor([not e for e in errs])
-                if ok.any():
-                    embs.append(model.encode_images(images[ok].to(device), flip).cpu().half())
+            for _ in range(2):
+                submit()
+            while ahead:
+                decoded = [f.result() for f in ahead.popleft()]
+                submit()
+                errs = [e for _, e in decoded]
+                ok = [img for img, e in decoded if not e]
+                if ok:
+                    embs.append(encoder.encode_images(np.stack(ok)).astype(np.float16))
                 errors += errs
                 bar.update(len(errs))
     except KeyboardInterrupt:
         pass  # keep the photos encoded so far: the caller saves them, the next run goes on
-    return torch.cat(embs), errors
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return np.concatenate(embs), errors
 
 
 class GalleryIndex:
@@ -111,10 +107,11 @@ class GalleryIndex:
         self.fingerprint = fingerprint
         self.root = root  # absolute: a different folder is a different index
         self.checkpoint = checkpoint  # which checkpoint made it, for messages
-        self.emb = torch.empty(0, dim, dtype=torch.float16)  # (N, D)
+        self.emb = np.empty((0, dim), np.float16)  # (N, D)
         self.paths = []  # (N,) relative, '/'-separated
-        self.stats = torch.empty(0, 2, dtype=torch.int64)  # (N, 2): size, mtime_ns
+        self.stats = np.empty((0, 2), np.int64)  # (N, 2): size, mtime_ns
         self.bias = None  # (N,) float32 querybank bias, subtracted from text queries' scores
+        self.bank_key = ""  # which caption bank the biases come from ("": none)
         self.failed = {}  # unreadable files, {path: [size, mtime_ns, reason]}: retried once they change
 
     def __len__(self):
@@ -124,15 +121,20 @@ class GalleryIndex:
     def load(cls, path):
         """The index stored at `path`, or None when there is none or it cannot be read."""
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            with np.load(path, allow_pickle=False) as data:  # arrays only: a file cannot run code
+                meta = json.loads(data["meta"].tobytes())
+                if meta.get("version") != INDEX_VERSION:
+                    return None
+                ix = cls(meta["fingerprint"], meta["root"], data["embeddings"].shape[1], meta["checkpoint"])
+                ix.emb, ix.stats = data["embeddings"], data["stats"]
+                ix.bias = data["bias"] if "bias" in data else None
+                # One NUL-joined string, not a list: a million small strings would be slow to store.
+                text = data["paths"].tobytes().decode("utf-8", "surrogateescape")
         except Exception:
             return None  # missing, damaged or foreign: rebuilt either way
-        if not isinstance(data, dict) or data.get("version") != INDEX_VERSION:
+        ix.failed, ix.bank_key, ix.paths = meta["failed"], meta["bank_key"], text.split("\0") if text else []
+        if not (len(ix.paths) == len(ix.emb) == len(ix.stats) and (ix.bias is None or len(ix.bias) == len(ix.emb))):
             return None
-        ix = cls(data["fingerprint"], data["root"], data["embeddings"].shape[1], data["checkpoint"])
-        ix.emb, ix.stats, ix.failed, ix.bias = data["embeddings"], data["stats"], data["failed"], data["bias"]
-        # One NUL-joined string, not a list: unpickling a million strings one by one is slow.
-        ix.paths = data["paths"].split("\0") if data["paths"] else []
         return ix
 
     @classmethod
@@ -151,7 +153,7 @@ class GalleryIndex:
         return ix if ix is not None else cls(fingerprint, root, dim, checkpoint)
 
     def copy(self):
-        """A copy to update while searches go on reading this one: update() replaces the tensors
+        """A copy to update while searches go on reading this one: update() replaces the arrays
         rather than writing into them, so only the path list and the failures are copied."""
         new = copy.copy(self)
         new.paths, new.failed = list(self.paths), dict(self.failed)
@@ -159,19 +161,23 @@ class GalleryIndex:
 
     def save(self, path):
         """Write atomically: a crash mid-write leaves the previous index intact."""
-        data = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "root": self.root,
-                "checkpoint": self.checkpoint, "embeddings": self.emb, "paths": "\0".join(self.paths),
-                "stats": self.stats, "failed": self.failed, "bias": self.bias}
-        with atomic_path(path) as tmp:
-            torch.save(data, tmp)
+        meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "root": self.root,
+                "checkpoint": self.checkpoint, "failed": self.failed, "bank_key": self.bank_key}
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), "embeddings": self.emb,
+                  "stats": self.stats,
+                  "paths": np.frombuffer("\0".join(self.paths).encode("utf-8", "surrogateescape"), np.uint8)}
+        if self.bias is not None:
+            arrays["bias"] = self.bias
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
+            np.savez(f, **arrays)
 
-    def update(self, files, model, image_size, device, batch_size=32, num_workers=0, make_bias_fn=None,
-               flip=False):
+    def update(self, files, encoder, batch_size=32, num_workers=0, make_bias_fn=None, bank_key=""):
         """Match the index to `files` ({relative path: (size, mtime_ns)} under root): drop photos
-        that are gone, encode new and changed ones (flip: as model.encode_images). make_bias_fn()
-        -> bias_fn, where bias_fn(emb (M, D)) -> (M,) gives new photos their querybank bias; it is
-        called before the encoding, so that a Ctrl-C while it prepares (encodes the caption bank)
-        loses no photo encoded.
+        that are gone, encode new and changed ones with `encoder` (encoder.py). make_bias_fn()
+        -> bias_fn, where bias_fn(emb (M, D)) -> (M,) gives photos their querybank bias from the
+        caption bank named `bank_key`; it is called before the encoding, so that a Ctrl-C while it
+        prepares (encodes the caption bank) loses no photo encoded. Biases of another bank (or
+        none) are computed again from the stored embeddings: no photo is decoded for that.
         Returns counts and the unreadable files:
         {"added", "updated", "removed", "failed": [(path, reason)], "interrupted", "changed"}."""
         old_stats, n_failed = self.stats.tolist(), len(self.failed)
@@ -185,18 +191,21 @@ class GalleryIndex:
             self.emb, self.stats = self.emb[keep], self.stats[keep]
             self.bias = None if self.bias is None else self.bias[keep]
             self.paths = [self.paths[i] for i in keep]
-        interrupted = False
+        interrupted, rebiased = False, bank_key != self.bank_key
+        bias_fn = make_bias_fn() if make_bias_fn is not None and (todo or rebiased) else None
+        if rebiased:
+            self.bias = bias_fn(self.emb) if bias_fn is not None else None
+            self.bank_key = bank_key if bias_fn is not None else ""
         if todo:
-            bias_fn = make_bias_fn() if make_bias_fn is not None else None
-            emb, errors = encode_image_files(model, [os.path.join(self.root, p) for p in todo], image_size,
-                                             device, batch_size, num_workers, flip)
+            emb, errors = encode_image_files(encoder, [os.path.join(self.root, p) for p in todo],
+                                             encoder.image_size, batch_size, num_workers)
             interrupted = len(errors) < len(todo)
             done = [p for p, e in zip(todo, errors) if not e]
             if bias_fn is not None:  # before anything changes: rows, paths and biases stay aligned
-                old = torch.empty(0) if self.bias is None else self.bias
-                self.bias = torch.cat([old, bias_fn(emb) if len(emb) else torch.empty(0)])
-            self.emb = torch.cat([self.emb, emb])
-            self.stats = torch.cat([self.stats, torch.tensor([files[p] for p in done], dtype=torch.int64).view(-1, 2)])
+                old = np.empty(0, np.float32) if self.bias is None else self.bias
+                self.bias = np.concatenate([old, bias_fn(emb)])
+            self.emb = np.concatenate([self.emb, emb])
+            self.stats = np.concatenate([self.stats, np.array([files[p] for p in done], np.int64).reshape(-1, 2)])
             self.paths += done
             for p, e in zip(todo, errors):
                 if e:
@@ -204,50 +213,39 @@ class GalleryIndex:
         report = {"added": sum(p not in seen for p in done), "updated": sum(p in seen for p in done),
                   "removed": removed, "interrupted": interrupted}
         report["failed"] = sorted((p, v[2]) for p, v in self.failed.items())
-        report["changed"] = bool(todo) or len(keep) < len(old_stats) or len(self.failed) < n_failed
+        report["changed"] = bool(todo) or rebiased or len(keep) < len(old_stats) or len(self.failed) < n_failed
         return report
 
-    @torch.no_grad()
     def top_k(self, query_emb, k, chunk_rows=CHUNK_ROWS, bias=None):
-        """Exact top-k by cosine similarity for L2-normalised queries (Q, D) float32, less the
-        photos' bias (N,) if given (querybank normalisation).
+        """Exact top-k by cosine similarity for L2-normalised queries (Q, D), less the photos'
+        bias (N,) if given (querybank normalisation).
 
         Returns scores (Q, k') float32 and row indices (Q, k') int64, best first, k' = min(k, N).
-        Each chunk of rows is scored straight from float16 storage (no float32 copy of the
-        gallery) and keeps its best k + RESCORE_EXTRA; those candidates are then rescored in
-        float32, so the scores and order are those of a float32 product with the stored vectors.
+        Each chunk of rows is converted to float32 in one reused buffer (no float32 copy of the
+        whole gallery), scored and keeps its best k + RESCORE_EXTRA; those candidates are then
+        rescored against the stored vectors in float32 with one product per query, so the scores
+        and order do not depend on the chunking.
         """
-        q = query_emb.float()
+        q = np.asarray(query_emb, dtype=np.float32)
         n, k = len(self), min(k, len(self))
         if n == 0:
-            return torch.empty(len(q), 0), torch.empty(len(q), 0, dtype=torch.int64)
-        q16 = q.half()
-        workers = max(1, torch.get_num_threads())
-        buffers = queue.SimpleQueue()  # one float32 block per thread: fresh 16 MB tensors would page-fault
-        for _ in range(workers if len(q) > 1 else 0):
-            buffers.put(torch.empty(min(chunk_rows, n), self.emb.shape[1]))
-
-        def scan(lo):
-            block = self.emb[lo:lo + chunk_rows]  # (C, D) float16
-            if len(q) == 1:
-                s = torch.mv(block, q16[0])[:, None]  # (C, 1): a float16 gemv, as fast as memory allows
-            else:
-                buf = buffers.get()
-                s = buf[:len(block)].copy_(block) @ q.T  # (C, Q): one conversion serves every query
-                buffers.put(buf)
-            if bias is not None:  # in float32: a float16 bias would add its own rounding
-                s = s.float() - bias[lo:lo + len(block), None]
-            top = s.topk(min(k + RESCORE_EXTRA, len(block)), dim=0)  # (c, Q)
-            return top.values.float(), top.indices + lo
-
-        # torch releases the GIL inside each product, so chunks run in parallel on the cores.
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(scan, range(0, n, chunk_rows)))
-        approx, rows = torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])  # (M, Q)
-        best = approx.topk(min(k + RESCORE_EXTRA, len(approx)), dim=0).indices  # (c, Q)
-        cand = rows.gather(0, best).T  # (Q, c) row numbers
-        exact = (self.emb[cand].float() @ q[:, :, None])[..., 0]  # (Q, c) float32
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        keep = min(k + RESCORE_EXTRA, n)
+        buf = np.empty((min(chunk_rows, n), self.emb.shape[1]), np.float32)
+        cand = []
+        for lo in range(0, n, chunk_rows):
+            block = buf[:min(chunk_rows, n - lo)]
+            np.copyto(block, self.emb[lo:lo + len(block)])
+            s = block @ q.T  # (C, Q)
+            if bias is not None:
+                s -= bias[lo:lo + len(block), None]
+            c = min(keep, len(block))
+            top = np.argpartition(-s, c - 1, axis=0)[:c] if c < len(block) else np.arange(len(block))[:, None]
+            cand.append(np.broadcast_to(top, (c, len(q))) + lo)
+        cand = np.concatenate(cand).T  # (Q, M) candidate rows
+        exact = np.einsum("qmd,qd->qm", self.emb[cand].astype(np.float32), q)  # (Q, M) float32
         if bias is not None:
-            exact = exact - bias.float()[cand]
-        scores, j = exact.topk(k, dim=1)
-        return scores, cand.gather(1, j)
+            exact -= bias[cand]
+        # Best first; among equal scores the lower row first, as a stable sort of all rows would give.
+        order = np.lexsort((cand, -exact), axis=1)[:, :k]
+        return np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)

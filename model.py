@@ -239,11 +239,10 @@ def load_tokenizer(name):
 class DualEncoder(nn.Module):
     def __init__(self, image_encoder="mobilenet_v3_small", text_encoder="distilbert-base-uncased",
                  embedding_dim=512, text_pooling="cls", temperature=0.07, fixed_temperature=False,
-                 pretrained=True, image_weights=None, text_config=None, amp=True, text_tower=None):
+                 pretrained=True, image_weights=None, text_config=None, amp=True):
         super().__init__()
         self.image_tower, img_dim, mean, std = build_image_tower(image_encoder, pretrained, image_weights)
-        # text_tower: a prebuilt one (search.py's plain_text.PlainTextTower), else transformers'.
-        self.text_tower = build_text_tower(text_encoder, pretrained, text_config) if text_tower is None else text_tower
+        self.text_tower = build_text_tower(text_encoder, pretrained, text_config)
         self.text_pooling = text_pooling
         self.image_proj = nn.Linear(img_dim, embedding_dim)
         self.text_proj = nn.Linear(self.text_tower.config.hidden_size, embedding_dim)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import index
 from dataset import EvalSplit, read_captions, tokenize
 
 KS = (1, 5, 10)
@@ -59,15 +60,10 @@ def rank_summary(ranks):
             "mean_rank": ranks.mean().item(), "median_rank": ranks.median().item()}
 
 
-@torch.no_grad()
 def querybank_bias(gallery, bank, scale, chunk=2048):
-    """Querybank normalisation (Bogolin et al., CVPR 2022, with the inverted softmax of Smith et
-    al., ICLR 2017): for each gallery embedding (N, D), the log-sum-exp of `scale` times its
-    similarity to a bank of training queries (M, D), over `scale`. Subtracted from every query's
-    similarity, it demotes hubs, items close to many queries that otherwise crowd the top of
-    many rankings. Uses training data only. Returns (N,)."""
-    bank = bank.float()
-    return torch.cat([torch.logsumexp(scale * (bank @ g.float().T), 0) / scale for g in gallery.split(chunk)])
+    """index.querybank_bias (the one implementation, shared with search) on tensors: (N,) float32."""
+    return torch.from_numpy(index.querybank_bias(gallery.float().cpu().numpy(), bank.float().cpu().numpy(),
+                                                 scale, chunk))
 
 
 def t2i_ranks(scores, caption_image):

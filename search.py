@@ -8,8 +8,10 @@
 
 The gallery is the checkpoint's Flickr8K photos or, with --images_dir, any folder of photos
 (searched recursively). Its embeddings live in an index file beside the checkpoint
-(index_<checkpoint>_<gallery>.pt, or in --index_dir); each run encodes only photos that are new
+(index_<checkpoint>_<gallery>.npz, or in --index_dir); each run encodes only photos that are new
 or changed since the last, so a query costs one text or image encoding and one pass over the index.
+The model runs from its ONNX export on onnxruntime when there is a current one (export.py), else
+on PyTorch (encoder.py).
 """
 
 import argparse
@@ -20,10 +22,8 @@ import sys
 import textwrap
 import warnings
 
-from checkpoint import load_model
+import encoder
 from cli import positive_int
-from dataset import IMAGE_EXTENSIONS, open_rgb, read_image
-from device import keep_freed_memory, pick_device
 from gallery import (
     Gallery,
     add_gallery_args,
@@ -35,6 +35,7 @@ from gallery import (
     slug,
     top_hits,
 )
+from photos import IMAGE_EXTENSIONS, open_rgb, read_image
 
 MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file beside the index
 
@@ -156,11 +157,8 @@ def print_results(labels, results, n, as_image, as_json):
 def main(argv=None):
     args = get_args(argv)
     labels = read_queries(args.queries) if args.queries else [args.query or args.image]
-    keep_freed_memory()
-    device = pick_device(args.device)
-    # plain_text: no transformers import for the text tower (2 of a cold call's 5.5 s on 2 cores).
-    model, tokenizer, ckpt = load_model(args.checkpoint, device, plain_text=True)
-    gallery = Gallery(args, model, tokenizer, ckpt)  # its image size and flip: those of the index
+    model = encoder.load(args.checkpoint, args.runtime, args.device)
+    gallery = Gallery(args, model)
     if args.image:  # read it before indexing, so a bad file fails at once
         try:
             query_img = read_image(args.image, gallery.image_size)  # (3, S, S)
@@ -176,7 +174,7 @@ def main(argv=None):
         raise SystemExit(f"error: no readable photos in {shown_root} (searched recursively for "
                          f"{' '.join(IMAGE_EXTENSIONS)}).")
 
-    q_emb = encode_query(model, tokenizer, labels, query_img[None] if args.image else None, gallery.flip)  # (Q, D)
+    q_emb = encode_query(model, labels, query_img[None] if args.image else None)  # (Q, D)
     results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in hits]
                for hits in top_hits(ix, q_emb, args.top_k, text=not args.image)]
     print_results(labels, results, len(ix), bool(args.image), args.json)

@@ -30,10 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
-from checkpoint import load_model
+import encoder
 from cli import non_negative_int
-from dataset import open_rgb
-from device import keep_freed_memory, pick_device
 from gallery import (
     Gallery,
     add_gallery_args,
@@ -44,7 +42,7 @@ from gallery import (
     result_rows,
     top_hits,
 )
-from index import ImageFiles
+from photos import open_rgb, read_or_blank
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 ASSETS = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
@@ -76,8 +74,8 @@ class Library:
     """The model and the gallery's index as the page sees it. `ix` is replaced, never changed, by
     the indexing thread, so a request reads one consistent index without a lock."""
 
-    def __init__(self, gallery, model, tokenizer):
-        self.gallery, self.model, self.tokenizer = gallery, model, tokenizer
+    def __init__(self, gallery, model):
+        self.gallery, self.model = gallery, model
         self.ix = gallery.ix
         self.total = None  # photos found by the last scan
         self.indexing = threading.Thread()  # not started: not indexing
@@ -140,23 +138,23 @@ class Library:
         if len(q) > MAX_QUERY_CHARS:
             raise BadRequest(400, f"query too long: {len(q)} characters, at most {MAX_QUERY_CHARS}")
         with self.model_lock:
-            q_emb = encode_query(self.model, self.tokenizer, texts=[q])
+            q_emb = encode_query(self.model, texts=[q])
         return self.search(q, q_emb, k, text=True)
 
     def search_like(self, row, k):
         ix = self.ix
         if not 0 <= row < len(ix):
             raise BadRequest(404, f"no photo {row} in the index")
-        return self.search(f"#{row}", ix.emb[row:row + 1].float(), k, text=False)
+        return self.search(f"#{row}", ix.emb[row:row + 1].astype("float32"), k, text=False)
 
     def search_image(self, data, k):
-        # ImageFiles decodes an upload exactly as indexing decodes a file, and reports rather than
-        # raises on one it cannot read: a bomb (over Pillow's MAX_IMAGE_PIXELS), a text file, ...
-        images, err = ImageFiles([io.BytesIO(data)], self.gallery.image_size)[0]
+        # Decoded exactly as indexing decodes a file, reported rather than raised on one it cannot
+        # read: a bomb (over Pillow's MAX_IMAGE_PIXELS), a text file, ...
+        image, err = read_or_blank(io.BytesIO(data), self.gallery.image_size)
         if err:
             raise BadRequest(413 if "DecompressionBomb" in err else 400, f"not a readable photo ({err})")
         with self.model_lock:
-            q_emb = encode_query(self.model, self.tokenizer, images=images[None], flip=self.gallery.flip)
+            q_emb = encode_query(self.model, images=image[None])
         return self.search("upload", q_emb, k, text=False)
 
     def photo_path(self, row):
@@ -300,10 +298,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(args):
     """The server, listening, and its Library; the gallery's indexing has started."""
-    keep_freed_memory()
-    device = pick_device(args.device)
-    model, tokenizer, ckpt = load_model(args.checkpoint, device, plain_text=True)
-    library = Library(Gallery(args, model, tokenizer, ckpt), model, tokenizer)
+    model = encoder.load(args.checkpoint, args.runtime, args.device)
+    library = Library(Gallery(args, model), model)
     handler = type("LibraryHandler", (Handler,), {"library": library})
     try:
         server = ThreadingHTTPServer((args.host, args.port), handler)

@@ -37,6 +37,7 @@ from checkpoint import (
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import AugmentedImages, Collate, EvalSplit, PairDataset, read_captions
 from device import keep_freed_memory, pick_device, precision_summary
+from encoder import write_export
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import LITE_MODELS, gather_batch, info_nce, load_tokenizer
 from retrieval import evaluate_split, format_metrics
@@ -107,6 +108,8 @@ def get_args(argv=None):
     p.add_argument("--no_amp", action="store_true", help="fp32 everywhere (no bf16 autocast)")
     p.add_argument("--seed", type=int, default=42, help="random seed")
     p.add_argument("--resume", action="store_true", help="continue from <model_dir>/last.pt")
+    p.add_argument("--no_export", action="store_true",
+                   help="do not export best.pt to ONNX when training ends (search then runs on PyTorch)")
     args = p.parse_args(argv)
     if args.freeze_image_blocks and args.image_encoder not in LITE_MODELS:
         p.error("--freeze_image_blocks needs an efficientnet_lite --image_encoder")
@@ -303,7 +306,19 @@ def run(args, device):
     validated = [h["val"] for h in state["history"] if h["val"] is not None]
     if validated:
         print(format_metrics(max(validated, key=lambda m: m["rsum"])))
+    best = os.path.join(args.model_dir, "best.pt")
+    if master and not args.no_export and os.path.isfile(best):
+        export(best)
     return 0
+
+
+def export(best):
+    """Export best.pt for search (encoder.write_export); a failure costs a warning, not the run."""
+    try:
+        print(f"exported {best} for search: {write_export(best)}")
+    except (Exception, SystemExit) as e:  # the training's result is saved whatever happens here
+        print(f"warning: could not export {best} ({e}); search will run it on PyTorch. Try again with "
+              f"python export.py --checkpoint {best}", file=sys.stderr)
 
 
 def build_data(args, world):

@@ -24,12 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import encoder  # noqa: E402
 import serve  # noqa: E402
-from checkpoint import load_model  # noqa: E402
 from gallery import Gallery  # noqa: E402
 
 QUERIES = ["a dog running through snow", "two children on a beach", "a man riding a bike", "people at a market",
@@ -60,14 +59,14 @@ def make_images(folder, n):
 
 def prefill_index(serve_args, n_indexed):
     """Save an index of the first `n_indexed` photos, made of random unit vectors, where serve.py looks."""
-    model, tokenizer, ckpt = load_model(serve_args.checkpoint, torch.device("cpu"), plain_text=True)
-    gallery = Gallery(serve_args, model, tokenizer, ckpt)
+    gallery = Gallery(serve_args, encoder.load(serve_args.checkpoint, serve_args.runtime, serve_args.device))
     files = gallery.scan()
     ix = gallery.ix
     ix.paths = sorted(files)[:n_indexed]
-    ix.emb = torch.nn.functional.normalize(torch.randn(n_indexed, ix.emb.shape[1]), dim=-1).half()
-    ix.stats = torch.tensor([files[p] for p in ix.paths], dtype=torch.int64).view(-1, 2)
-    ix.bias = None if gallery.qb_dir is None else torch.zeros(n_indexed)
+    emb = np.random.default_rng(0).standard_normal((n_indexed, ix.emb.shape[1])).astype(np.float32)
+    ix.emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+    ix.stats = np.array([files[p] for p in ix.paths], np.int64).reshape(-1, 2)
+    ix.bias, ix.bank_key = (np.zeros(n_indexed, np.float32), gallery.bank_key) if gallery.bank_key else (None, "")
     gallery.save(ix)
 
 

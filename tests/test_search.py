@@ -9,34 +9,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from tiny import make_checkpoint, photo
 
 import dataset
+import encoder
 import gallery
 import index
+import photos as photos_module
 import search
-from checkpoint import load_model, save_checkpoint
 from dataset import read_image
-from index import GalleryIndex, model_fingerprint, scan_folder
+from index import GalleryIndex, scan_folder
 from model import DualEncoder
-
-
-def make_checkpoint(path, text_encoder, seed):
-    """An untrained tiny model whose image embeddings still differ from photo to photo: batch norm
-    statistics are measured on one batch (random init in eval mode maps every photo to one point)."""
-    torch.manual_seed(seed)
-    m = DualEncoder(text_encoder=text_encoder, embedding_dim=32, pretrained=False)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None  # a plain average: one batch sets the statistics
-    with torch.no_grad():
-        m.encode_images(torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8))
-    args = {"image_encoder": "mobilenet_v3_small", "text_encoder": text_encoder, "embedding_dim": 32,
-            "text_pooling": "cls", "temperature": 0.07, "fixed_temperature": False, "image_size": 32,
-            "no_pretrained": True, "data_dir": "unused"}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_checkpoint(str(path), m.eval(), args, epoch=1, metrics={})
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +28,6 @@ def ckpts(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     enc = os.path.join(tiny_data, "text_encoder")
     return make_checkpoint(root / "a" / "best.pt", enc, 0), make_checkpoint(root / "b" / "best.pt", enc, 1)
-
-
-def photo(path, seed, size=(48, 40)):
-    """A distinct random photo: noise and a coloured block."""
-    rng = np.random.default_rng(seed)
-    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    arr[: size[1] // 2, : size[0] // 2] = rng.integers(0, 256, 3, dtype=np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(arr).save(path, quality=95)
-    return str(path)
 
 
 @pytest.fixture
@@ -81,9 +54,9 @@ def encoded(monkeypatch):
     calls = []
     real = index.encode_image_files
 
-    def counting(model, paths, *a, **k):
+    def counting(enc, paths, *a, **k):
         calls.append(len(paths))
-        return real(model, paths, *a, **k)
+        return real(enc, paths, *a, **k)
     monkeypatch.setattr(index, "encode_image_files", counting)
     return calls
 
@@ -154,14 +127,15 @@ def test_every_way_in_decodes_the_same_pixels(tmp_path):
     dataset.build_image_cache(str(tmp_path), "val", 16)
     cached = dataset.ImageStore(str(tmp_path), names, 16, "val")
     files = dataset.ImageStore(str(tmp_path), names, 16)
-    indexed = index.ImageFiles([str(folder / n) for n in names], 16)
     assert cached.cache is not None and files.cache is None
     for i, n in enumerate(names):
-        fit = ImageOps.fit(dataset.open_rgb(folder / n, 16), (16, 16), Image.Resampling.BILINEAR)
+        fit = ImageOps.fit(photos_module.open_rgb(folder / n, 16), (16, 16), Image.Resampling.BILINEAR)
         want = torch.from_numpy(np.array(fit)).permute(2, 0, 1)  # (3, 16, 16)
         got = read_image(folder / n, 16)
+        indexed, err = photos_module.read_or_blank(str(folder / n), 16)  # the gallery index's and uploads' way
         assert got.dtype == torch.uint8 and torch.equal(got, want), n
-        assert torch.equal(cached[i], want) and torch.equal(files[i], want) and torch.equal(indexed[i][0], want), n
+        assert torch.equal(cached[i], want) and torch.equal(files[i], want), n
+        assert indexed.dtype == np.uint8 and not err and (indexed == want.numpy()).all(), n
     assert (pixels(folder / "wide.png", 16)[:, 2:-2] == [20, 200, 20]).all()
     assert (pixels(folder / "pal.png", 16)[:, -4:] == 255).all()  # the transparent half, on white
 
@@ -173,70 +147,99 @@ def test_decompression_bomb_is_unreadable(tmp_path, monkeypatch):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow's own, at open
         with pytest.raises(Image.DecompressionBombError):
             read_image(path, 16)
-        img, err = index.ImageFiles([path], 16)[0]
+        img, err = photos_module.read_or_blank(path, 16)
     assert "DecompressionBomb" in err and img.shape == (3, 16, 16)
 
 
 # ---------------------------------------------------------------------------- the index
 
 def test_index_is_incremental(photos, ckpts, encoded, tmp_path):
-    model, _, _ = load_model(ckpts[0], torch.device("cpu"))
-    fp = model_fingerprint(model, 32)
+    enc = encoder.TorchEncoder(ckpts[0], "cpu")
+    fp = enc.fingerprint
     # The mirror-image averaging and the photo side change every embedding: another index.
-    assert len({fp, model_fingerprint(model, 32, flip=True), model_fingerprint(model, 40)}) == 3
+    sha = enc.checkpoint_sha
+    assert fp == encoder.index_key(sha, 32, False)
+    assert len({fp, encoder.index_key(sha, 32, True), encoder.index_key(sha, 40, False)}) == 3
     ix = GalleryIndex(fp, str(photos), 32)
 
     def update():
-        return ix.update(scan_folder(photos), model, 32, torch.device("cpu"))
+        return ix.update(scan_folder(photos), enc)
     r = update()
     assert sorted(ix.paths) == ["a.jpg", "b.png", "sub/c.webp", "sub/deeper/d.JPG"]
     assert (r["added"], encoded) == (4, [4])
     assert not update()["changed"] and encoded == [4]  # nothing new: nothing decoded
 
     photo(photos / "new.jpg", 10)
-    before = ix.emb[ix.paths.index("a.jpg")].clone()
+    before = ix.emb[ix.paths.index("a.jpg")].copy()
     photo(photos / "a.jpg", 11)
     os.utime(photos / "a.jpg", ns=(1, 2))  # a changed file, whatever the clock's resolution
     os.remove(photos / "b.png")
     r = update()
     assert (r["added"], r["updated"], r["removed"], encoded[-1]) == (1, 1, 1, 2)
     assert sorted(ix.paths) == ["a.jpg", "new.jpg", "sub/c.webp", "sub/deeper/d.JPG"]
-    assert not torch.equal(ix.emb[ix.paths.index("a.jpg")], before)
+    assert not np.array_equal(ix.emb[ix.paths.index("a.jpg")], before)
     assert len(ix.emb) == len(ix.stats) == 4
+    # Each row is its own photo's embedding, whatever the order the updates left the rows in.
+    for p, row in zip(ix.paths, ix.emb):
+        want = enc.encode_images(read_image(photos / p, 32).numpy()[None])[0]
+        assert np.abs(row.astype(np.float32) - want).max() < 2e-3, p
 
-    ix.save(tmp_path / "ix.pt")
-    back = GalleryIndex.load(tmp_path / "ix.pt")
-    assert back.paths == ix.paths and torch.equal(back.emb, ix.emb) and back.fingerprint == fp
-    assert back.emb.dtype == torch.float16 and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    ix.save(tmp_path / "ix.npz")
+    back = GalleryIndex.load(tmp_path / "ix.npz")
+    assert back.paths == ix.paths and np.array_equal(back.emb, ix.emb) and back.fingerprint == fp
+    assert back.emb.dtype == np.float16 and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_damaged_or_foreign_index_files_are_not_read(tmp_path):
+    ix = GalleryIndex("fp", "/photos", 8)
+    ix.emb, ix.paths, ix.stats = np.ones((2, 8), np.float16), ["a.jpg", "b.jpg"], np.zeros((2, 2), np.int64)
+    ix.save(tmp_path / "ix.npz")
+    good = (tmp_path / "ix.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.npz").write_text("not an index")
+    np.savez(tmp_path / "foreign.npz", embeddings=np.ones((2, 8), np.float16))  # an array file, not ours
+    assert GalleryIndex.load(tmp_path / "ix.npz").paths == ["a.jpg", "b.jpg"]
+    for name in ("cut.npz", "text.npz", "foreign.npz", "missing.npz"):
+        assert GalleryIndex.load(tmp_path / name) is None, name
+    logged = []
+    fresh = GalleryIndex.open(str(tmp_path / "cut.npz"), "fp", "/photos", 8, "best.pt", logged.append)
+    assert len(fresh) == 0 and "damaged" in logged[0]
 
 
 def test_top_k_equals_brute_force_float32():
-    g = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(20_000, 64, generator=g), dim=-1)  # (N, D) float32
+    rng = np.random.default_rng(0)
+
+    def unit(n):
+        x = rng.standard_normal((n, 64)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    x = unit(20_000)  # (N, D) float32
     ix = GalleryIndex("fp", "/", 64)
-    ix.emb = x.half()
+    ix.emb = x.astype(np.float16)
     ix.paths = [str(i) for i in range(len(x))]
-    q = torch.nn.functional.normalize(torch.randn(3, 64, generator=g), dim=-1)
-    for queries in (q[:1], q):  # one query (float16 products) and several (float32 products)
+    q = unit(3)
+    stored = ix.emb.astype(np.float32)
+    for queries in (q[:1], q):
         scores, rows = ix.top_k(queries, 10, chunk_rows=3001)  # a ragged last chunk, many merges
         ref = queries @ x.T  # (Q, N) over the float32 originals
-        kth = ref.topk(10, dim=1).values[:, -1:]
+        kth = np.sort(ref, axis=1)[:, -10:-9]
         assert rows.shape == (len(queries), 10) and all(len(set(r)) == 10 for r in rows.tolist())
-        assert (ref.gather(1, rows) >= kth - 1e-3).all()  # the true top 10, up to float16 ties
-        assert torch.allclose(scores, ref.gather(1, rows), atol=1e-3)
+        assert (np.take_along_axis(ref, rows, 1) >= kth - 1e-3).all()  # the true top 10, up to float16 ties
+        assert np.allclose(scores, np.take_along_axis(ref, rows, 1), atol=1e-3)
         assert (scores[:, :-1] >= scores[:, 1:]).all()
-        exact = (queries @ ix.emb.float().T).topk(10, dim=1)  # float32 over the stored vectors
-        assert torch.equal(rows, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
+        exact = queries @ stored.T  # float32 over the stored vectors
+        want = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+        assert np.array_equal(rows, want) and np.allclose(scores, np.take_along_axis(exact, want, 1), atol=1e-6)
     scores, rows = ix.top_k(q, 50_000)
-    assert rows.shape == (3, 20_000)  # k beyond the gallery: the whole gallery, ranked
+    assert rows.shape == (3, 20_000) and sorted(rows[0].tolist()) == list(range(20_000))  # the whole gallery
 
     # A querybank bias per photo is subtracted before ranking (large enough to reorder the top).
-    bias = 0.3 * torch.rand(len(x), generator=g)
+    bias = (0.3 * rng.random(len(x))).astype(np.float32)
     for queries in (q[:1], q):
         scores, rows = ix.top_k(queries, 10, chunk_rows=3001, bias=bias)
-        exact = (queries @ ix.emb.float().T - bias).topk(10, dim=1)
-        assert torch.equal(rows, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
-        assert not torch.equal(rows, ix.top_k(queries, 10, chunk_rows=3001)[1])
+        exact = queries @ stored.T - bias
+        want = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+        assert np.array_equal(rows, want) and np.allclose(scores, np.take_along_axis(exact, want, 1), atol=1e-6)
+        assert not np.array_equal(rows, ix.top_k(queries, 10, chunk_rows=3001)[1])
 
 
 # ---------------------------------------------------------------------------- the command line
@@ -301,7 +304,7 @@ def test_text_query_with_odd_text_saves_a_grid(photos, ckpts, tmp_path, capsys):
 def test_index_of_another_checkpoint_is_rebuilt(photos, ckpts, tmp_path, capsys, encoded):
     argv = ("--images_dir", photos, "--query", "x", "--index_dir", tmp_path, "--json")
     run(capsys, "--checkpoint", ckpts[0], *argv)
-    path = next(tmp_path.glob("index_best_photos-*.pt"))
+    path = next(tmp_path.glob("index_best_photos-*.npz"))
     copy = tmp_path / "copy" / "best.pt"
     os.makedirs(copy.parent)
     shutil.copy(ckpts[0], copy)
@@ -309,8 +312,7 @@ def test_index_of_another_checkpoint_is_rebuilt(photos, ckpts, tmp_path, capsys,
     assert encoded == [4] and "another checkpoint" not in err  # same weights, copied elsewhere: reused
     rc, out, err = run(capsys, "--checkpoint", ckpts[1], *argv)  # same name, other weights
     assert rc == 0 and "another checkpoint" in err and encoded == [4, 4]
-    model_b, _, _ = load_model(ckpts[1], torch.device("cpu"))
-    assert GalleryIndex.load(path).fingerprint == model_fingerprint(model_b, 32)
+    assert GalleryIndex.load(path).fingerprint == encoder.TorchEncoder(ckpts[1], "cpu").fingerprint
 
 
 def test_bad_input_is_a_clear_error(photos, ckpts, tmp_path, capsys, encoded):
@@ -357,7 +359,7 @@ def test_flickr8k_gallery_by_text_and_image(tiny_data, ckpts, tmp_path, capsys):
     common = ("--checkpoint", ckpts[0], "--data_dir", tiny_data, "--use_test_set", "--output_dir", tmp_path)
     rc, out, err = run(capsys, *common, "--query", "a red circle")  # top_k 9 of 8 test photos
     assert rc == 0 and out.startswith("top 8 of 8 photos") and (tmp_path / "search_a_red_circle.png").exists()
-    assert os.path.exists(os.path.join(os.path.dirname(ckpts[0]), "index_best_test.pt"))
+    assert os.path.exists(os.path.join(os.path.dirname(ckpts[0]), "index_best_test.npz"))
     query = os.path.join(tiny_data, "images", "blue_square_7.jpg")
     rc, out, err = run(capsys, *common, "--image", query, "--top_k", "2")
     assert rc == 0 and out.splitlines()[1].split()[2] == query
@@ -372,3 +374,46 @@ def test_flickr8k_gallery_lists_every_split_or_the_test_split(tiny_data, tmp_pat
     (tmp_path / "captions.csv").write_text("image,caption,split\n")
     with pytest.raises(SystemExit, match="captions.csv holds no captions; rerun preprocess"):
         gallery.gallery_images(str(tmp_path), use_test_set=False)
+
+
+def test_incremental_querybank_index_ranks_as_a_fresh_build(tiny_data, tmp_path, capsys, encoded):
+    ck = make_checkpoint(tmp_path / "m" / "best.pt", os.path.join(tiny_data, "text_encoder"), 2,
+                         querybank=True, data_dir=tiny_data)
+    folder = tmp_path / "photos"
+    for i in range(6):
+        photo(folder / f"p{i}.jpg", i)
+    query = ("--checkpoint", ck, "--images_dir", folder, "--query", "a red circle", "--json", "--top_k", "20")
+
+    def ranking(index_dir):
+        _, out, _ = run(capsys, *query, "--index_dir", index_dir)
+        return [(r["path"], r["score"]) for r in json.loads(out)]
+    ranking(tmp_path / "kept")
+    photo(folder / "p6.jpg", 6)  # added
+    photo(folder / "p1.jpg", 11)  # changed
+    os.utime(folder / "p1.jpg", ns=(1, 2))
+    os.remove(folder / "p3.jpg")  # removed
+    incremental = ranking(tmp_path / "kept")
+    assert encoded == [6, 2]  # only the new and the changed photo were encoded again
+    fresh = ranking(tmp_path / "fresh")
+    assert [p for p, _ in incremental] == [p for p, _ in fresh] and len(fresh) == 6
+    assert [s for _, s in incremental] == pytest.approx([s for _, s in fresh], abs=1e-6)
+    ix = GalleryIndex.load(next((tmp_path / "kept").glob("index_*.npz")))
+    assert ix.bias is not None and len(ix.bias) == len(ix) == 6
+    # Each photo's bias is the log-sum-exp of its similarities to the training captions, by hand.
+    enc = encoder.TorchEncoder(ck, "cpu")
+    captions = [line.split(",")[1] for line in open(os.path.join(tiny_data, "captions.csv")).read().splitlines()[1:]
+                if line.endswith(",train")]
+    bank = enc.encode_texts(captions).astype(np.float16).astype(np.float32)
+    s = enc.logit_scale * ix.emb.astype(np.float32) @ bank.T  # (N, M)
+    want = (np.log(np.exp(s - s.max(1, keepdims=True)).sum(1)) + s.max(1)) / enc.logit_scale
+    assert np.allclose(ix.bias, want, atol=1e-4)
+    # Another caption bank (the training captions changed): biases computed again, no photo decoded.
+    csv_path = os.path.join(tiny_data, "captions.csv")
+    stat = os.stat(csv_path)
+    try:
+        os.utime(csv_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        again = ranking(tmp_path / "kept")
+        assert [p for p, _ in again] == [p for p, _ in incremental] and encoded == [6, 2, 6]
+    finally:
+        os.utime(csv_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert GalleryIndex.load(next((tmp_path / "kept").glob("index_*.npz"))).bank_key != ix.bank_key

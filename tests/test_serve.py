@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import pytest
 from PIL import Image
-from test_search import make_checkpoint, photo
+from tiny import make_checkpoint, photo
 
 import search
 import serve

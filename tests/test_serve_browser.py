@@ -16,7 +16,7 @@ import time
 import urllib.request
 
 import pytest
-from test_search import make_checkpoint
+from tiny import make_checkpoint
 
 import serve
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny import train_argv
 
+import encoder
 import evaluate
-import gallery
 import index
 import retrieval
 import search
@@ -142,27 +142,27 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     # search.py ranks text queries by similarity less each photo's querybank bias (train captions).
     model, tok, _ = load_model(best, torch.device("cpu"))
     banks = []
-    real_bank = gallery.caption_bank
-    monkeypatch.setattr(gallery, "caption_bank", lambda *a: banks.append(1) or real_bank(*a))
+    real_bank = retrieval.caption_bank
+    monkeypatch.setattr(retrieval, "caption_bank", lambda *a: banks.append(1) or real_bank(*a))
     argv = ["--checkpoint", best, "--use_test_set", "--query", "a red circle", "--top_k", "8", "--json",
             "--device", "cpu", "--num_workers", "0"]
     capsys.readouterr()
     assert search.main(argv) == 0
     hits = json.loads(capsys.readouterr().out)
-    ix = index.GalleryIndex.load(str(tmp_path / "m" / "index_best_test.pt"))
+    ix = index.GalleryIndex.load(str(tmp_path / "m" / "index_best_test.npz"))
     # Indexed at 72 pixels, each photo averaged with its mirror image, biased by the train captions.
-    searched = load_model(best, torch.device("cpu"), plain_text=True)[0]  # its weights under search.py's names
-    assert ix.fingerprint == index.model_fingerprint(searched, 72, True, gallery.bank_name(ck["args"]["data_dir"]))
-    bank = retrieval.caption_bank(model, tok, ck["args"]["data_dir"], torch.device("cpu")).half().float()
+    assert ix.fingerprint == encoder.index_key(encoder.file_sha256(best), 72, True)
+    bank = real_bank(model, tok, ck["args"]["data_dir"], torch.device("cpu")).half().float()
     scale = model.logit_scale.exp().item()
-    assert torch.allclose(ix.bias, retrieval.querybank_bias(ix.emb, bank, scale), atol=1e-5)
+    emb, bias = torch.from_numpy(ix.emb).float(), torch.from_numpy(ix.bias)
+    assert torch.allclose(bias, retrieval.querybank_bias(emb, bank, scale), atol=1e-5)
     q = retrieval.encode_texts(model, tok, ["a red circle"], torch.device("cpu"))
-    expect = (q @ ix.emb.float().T)[0] - ix.bias
+    expect = (q @ emb.T)[0] - bias
     order = expect.argsort(descending=True)
     assert [h["path"] for h in hits] == [os.path.join(ck["args"]["data_dir"], "images", ix.paths[i]) for i in order]
     assert [h["score"] for h in hits] == pytest.approx(expect[order].tolist(), abs=1e-5)
     assert search.main(argv) == 0 and banks == [1]  # the stored index answers: no bank encoded again
-    os.remove(tmp_path / "m" / "index_best_test.pt")  # photos to encode again: the stored bank serves
+    os.remove(tmp_path / "m" / "index_best_test.npz")  # photos to encode again: the stored bank serves
     capsys.readouterr()
     assert search.main(argv) == 0 and banks == [1] and json.loads(capsys.readouterr().out) == hits
 
@@ -176,7 +176,7 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     [folder_index] = [n for n in os.listdir(tmp_path / "m") if n.startswith("index_best_images-")]
     plain = index.GalleryIndex.load(str(tmp_path / "m" / folder_index))
     assert plain.bias is None and len(plain) == 64
-    assert hits[0]["score"] == pytest.approx((q @ plain.emb.float().T).max().item(), abs=1e-5)
+    assert hits[0]["score"] == pytest.approx((q @ torch.from_numpy(plain.emb).float().T).max().item(), abs=1e-5)
 
 
 def test_resume_at_epoch_boundary_gives_the_same_weights(tiny_data, tmp_path, monkeypatch):

@@ -1,0 +1,412 @@
+"""A trained checkpoint as search.py and serve.py use it: texts and photos in, L2-normalised
+embeddings out. From its ONNX export on onnxruntime (no PyTorch: a small install and a fast cold
+start) when the export is current for the checkpoint, else from the checkpoint on PyTorch. Also
+writes the export (export.py; train.py when training ends). Example:
+
+    python -c "import encoder; e = encoder.load('models/fast/best.pt'); print(e.encode_texts(['a dog']).shape)"
+
+An export is a folder beside the checkpoint (best.pt -> best_onnx/): text.onnx (token ids and
+attention mask -> joint embedding), image.onnx (normalised photos -> joint embedding), both with a
+dynamic batch (and length), tokenizer.json, querybank.npy (the training captions' embeddings, for a
+checkpoint that ranks with querybank normalisation) and export.json: what preprocessing needs, the
+checkpoint's args, and the checkpoint file's size, time and SHA-256, so that a retrained best.pt
+never meets a stale export. export.json is written last: a folder without it is no export.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from atomic import atomic_path
+
+EXPORT_VERSION = 1
+MAX_LENGTH = 64  # tokens per caption, as dataset.tokenize truncates in training
+TEXT_BATCH = 256  # captions per onnxruntime call
+MIN_COSINE = 0.9999  # an export must give the checkpoint's embeddings to this cosine, or it is not written
+
+
+def log(msg):
+    print(msg, file=sys.stderr)
+
+
+def export_dir(checkpoint):
+    """Where the export of a checkpoint lives: models/best.pt -> models/best_onnx."""
+    return os.path.splitext(os.path.abspath(checkpoint))[0] + "_onnx"
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def index_key(checkpoint_sha, image_size, flip, int8=False):
+    """What an index of photo embeddings is tied to: the checkpoint file (its content, so a copy
+    keeps its indexes and a retrained one gets new ones) and how photos are encoded. Both
+    runtimes give the same embeddings (to 1e-4 in cosine), so they share an index."""
+    return hashlib.sha256(f"{checkpoint_sha}:image_size={image_size}:flip={flip}"
+                          f"{':int8' if int8 else ''}".encode()).hexdigest()[:16]
+
+
+def normalise(images, mean, std):
+    """(B, 3, S, S) uint8 -> float32 (B, 3, S, S), as model.DualEncoder normalises (mean, std in 0..1)."""
+    m = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255
+    s = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1) * 255
+    return (images.astype(np.float32) - m) / s
+
+
+def l2_normalise(x):
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class ExportProblem(Exception):
+    """An export that is missing, stale or damaged: the message says which and what to do."""
+
+
+# ---------------------------------------------------------------------------- onnxruntime
+
+class OnnxEncoder:
+    """The export of a checkpoint on onnxruntime. The image graph is loaded on first use: a text
+    query over an indexed gallery never needs it."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, checkpoint, int8=False):
+        self.folder, self.checkpoint = export_dir(checkpoint), checkpoint
+        meta_path = os.path.join(self.folder, "export.json")
+        if not os.path.isfile(meta_path):
+            raise ExportProblem(f"{checkpoint} has no export ({meta_path} not found)")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            if meta.get("version") != EXPORT_VERSION:
+                raise ValueError(f"version {meta.get('version')}, this code reads {EXPORT_VERSION}")
+        except (OSError, ValueError) as e:
+            raise ExportProblem(f"the export {self.folder} is damaged or from another version ({e}); "
+                                f"write it again: python export.py --checkpoint {checkpoint}")
+        if not _is_current(meta["checkpoint"], checkpoint):
+            raise ExportProblem(f"the export {self.folder} is of an earlier {os.path.basename(checkpoint)} (the "
+                                f"checkpoint changed since); refresh it: python export.py --checkpoint {checkpoint}")
+        if int8 and not meta["int8"]:
+            raise ExportProblem(f"the export {self.folder} has no int8 graphs; write them: "
+                                f"python export.py --checkpoint {checkpoint} --int8")
+        for name, size in meta["files"].items():
+            path = os.path.join(self.folder, name)
+            if not os.path.isfile(path) or os.path.getsize(path) != size:
+                raise ExportProblem(f"the export {self.folder} is damaged ({name} is missing or truncated); "
+                                    f"write it again: python export.py --checkpoint {checkpoint}")
+        self.meta, self.int8 = meta, int8
+        self.args = meta["args"]
+        self.image_size, self.flip, self.dim = meta["image_size"], meta["flip"], meta["dim"]
+        self.mean, self.std, self.logit_scale = meta["mean"], meta["std"], meta["logit_scale"]
+        self.checkpoint_sha = meta["checkpoint"]["sha256"]
+        self.fingerprint = index_key(self.checkpoint_sha, self.image_size, self.flip, int8)
+        from tokenizers import Tokenizer
+        self.tokenizer = self._open(Tokenizer.from_file, "tokenizer.json")
+        self.text = self._open(session, "text.int8.onnx" if int8 else "text.onnx")
+        self.tokenizer.enable_truncation(MAX_LENGTH)
+        pad = meta["pad_id"]
+        self.tokenizer.enable_padding(pad_id=pad, pad_token=self.tokenizer.id_to_token(pad))
+        self._image = None
+
+    def _open(self, reader, name):
+        try:
+            return reader(os.path.join(self.folder, name))
+        except Exception as e:  # onnxruntime and tokenizers raise their own kinds for a damaged file
+            raise ExportProblem(f"the export {self.folder} cannot be read ({name}: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}); write it again: python export.py "
+                                f"--checkpoint {self.checkpoint}")
+
+    def encode_texts(self, texts):
+        """(Q, D) float32 embeddings of a list of strings."""
+        out = [np.empty((0, self.dim), np.float32)]
+        for i in range(0, len(texts), TEXT_BATCH):
+            enc = self.tokenizer.encode_batch(list(texts[i:i + TEXT_BATCH]))
+            ids = np.array([e.ids for e in enc], dtype=np.int64)  # (B, L), padded to the longest
+            mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+            out.append(self.text.run(None, {"input_ids": ids, "attention_mask": mask})[0])
+        return np.concatenate(out)
+
+    def encode_images(self, images):
+        """(B, 3, S, S) uint8 -> (B, D) float32; with flip each photo averaged with its mirror
+        image, as model.DualEncoder.encode_images."""
+        if self._image is None:
+            try:
+                self._image = self._open(session, "image.int8.onnx" if self.int8 else "image.onnx")
+            except ExportProblem as e:
+                raise SystemExit(f"error: {e}.")
+        x = normalise(images, self.mean, self.std)
+
+        def run(batch):
+            return self._image.run(None, {"images": np.ascontiguousarray(batch)})[0]
+        emb = run(x)
+        return l2_normalise(emb + run(x[..., ::-1])) if self.flip else emb
+
+    def querybank_key(self, data_dir):
+        """Names the caption bank photos' querybank biases come from: the one in the export ("" and
+        a warning if it has none: rank by cosine similarity)."""
+        if self.meta["querybank"]:
+            return f"export:{self.checkpoint_sha}"
+        log(f"warning: {self.checkpoint} ranks with querybank normalisation, but its export holds no caption "
+            f"bank; ranking by cosine similarity. Export again with --data_dir pointing at its training data.")
+        return ""
+
+    def caption_bank(self, data_dir, cache, key):
+        """(M, D) float32 embeddings of the training captions: the querybank."""
+        return np.load(os.path.join(self.folder, "querybank.npy")).astype(np.float32)
+
+
+def session(path):
+    """An onnxruntime session of one graph, on the CPU."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _is_current(recorded, checkpoint):
+    """Whether the checkpoint file is the one the export was made from: the same size and time,
+    else the same content (a copy). With no checkpoint beside it (only the export was copied),
+    the export stands for it."""
+    try:
+        st = os.stat(checkpoint)
+    except FileNotFoundError:
+        return True
+    if (st.st_size, st.st_mtime_ns) == (recorded["size"], recorded["mtime_ns"]):
+        return True
+    return st.st_size == recorded["size"] and file_sha256(checkpoint) == recorded["sha256"]
+
+
+# ---------------------------------------------------------------------------- PyTorch
+
+class TorchEncoder:
+    """The checkpoint itself on PyTorch (and transformers): needs the full install."""
+
+    runtime = "PyTorch"
+
+    def __init__(self, checkpoint, device="auto"):
+        import torch
+
+        from checkpoint import eval_image_size, load_model
+        from device import keep_freed_memory, pick_device
+        keep_freed_memory()
+        self.device = pick_device(device)
+        self.model, self.tokenizer, ckpt = load_model(checkpoint, self.device)
+        self.torch, self.checkpoint, self.args = torch, checkpoint, ckpt["args"]
+        self.image_size, self.flip = eval_image_size(self.args), self.args.get("eval_flip", False)
+        self.dim = self.model.image_proj.out_features
+        self.logit_scale = self.model.logit_scale.exp().item()
+        self.checkpoint_sha = file_sha256(checkpoint)
+        self.fingerprint = index_key(self.checkpoint_sha, self.image_size, self.flip)
+
+    def encode_texts(self, texts, desc="encoding queries"):
+        from retrieval import encode_texts
+        return encode_texts(self.model, self.tokenizer, list(texts), self.device, desc=desc).numpy()
+
+    def encode_images(self, images):
+        with self.torch.no_grad():
+            x = self.torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+            return self.model.encode_images(x, self.flip).cpu().numpy()
+
+    def querybank_key(self, data_dir):
+        """Names the caption bank photos' querybank biases come from: data_dir's training captions
+        (its captions.csv's size and time), or "" and a warning if they are not there."""
+        path = os.path.join(data_dir, "captions.csv")
+        if os.path.isfile(path):
+            st = os.stat(path)
+            return f"{self.checkpoint_sha}:{os.path.realpath(data_dir)}:{st.st_size}:{st.st_mtime_ns}"
+        log(f"warning: {self.checkpoint} ranks with querybank normalisation, which needs its training "
+            f"captions ({path}: not found); ranking by cosine similarity instead. Pass --data_dir to point at them.")
+        return ""
+
+    def caption_bank(self, data_dir, cache, key):
+        """(M, D) float32 embeddings of data_dir's training captions (retrieval.caption_bank), kept
+        in `cache` (float16, 30 MB for Flickr8K's 30,000 captions) under `key`: photos added later
+        need no second encoding of the bank (a minute or two on a CPU)."""
+        from retrieval import caption_bank
+        try:
+            with np.load(cache, allow_pickle=False) as data:
+                if str(data["key"]) == key:
+                    return data["bank"].astype(np.float32)
+        except Exception:
+            pass  # missing, damaged or another model's: encode it
+        bank = caption_bank(self.model, self.tokenizer, data_dir, self.device).half().numpy()
+        try:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                np.savez(f, key=np.array(key), bank=bank)
+        except OSError:
+            pass  # a read-only folder: encode again next time
+        return bank.astype(np.float32)  # the same float16-rounded bank whether just encoded or read back
+
+
+def _importable(name):
+    try:
+        importlib.import_module(name)  # the fallback imports it next anyway
+        return True
+    except ImportError:
+        return False
+
+
+def load(checkpoint, runtime="auto", device="auto", int8=False):
+    """The encoder of a checkpoint: runtime 'onnx' (its export, or a clear error), 'torch', or
+    'auto': the export when it is present and current, else PyTorch (on `device`)."""
+    if runtime in ("auto", "onnx"):
+        try:
+            return OnnxEncoder(checkpoint, int8)
+        except ExportProblem as e:
+            problem, missing = str(e), not os.path.isdir(export_dir(checkpoint))
+        if runtime == "onnx" or not _importable("torch"):
+            if missing:
+                problem += f"; write one with the full install: python export.py --checkpoint {checkpoint}"
+            raise SystemExit(f"error: {problem}." + ("" if runtime == "onnx" else
+                             " PyTorch, the other way to run a checkpoint, is not installed either "
+                             "(pip install -r requirements.txt)."))
+        if missing and os.path.isfile(checkpoint):
+            log(f"searching with PyTorch: no export of {checkpoint} (python export.py --checkpoint "
+                f"{checkpoint} writes one, for a faster start)")
+        elif not missing:
+            log(f"warning: {problem}; searching with PyTorch meanwhile.")
+    return TorchEncoder(checkpoint, device)
+
+
+# ---------------------------------------------------------------------------- writing an export
+
+def write_export(checkpoint, int8=False, data_dir=None):
+    """Export a checkpoint (see the module docstring) and check it against PyTorch; returns the
+    folder. data_dir: where the training captions of a querybank checkpoint are (default: its
+    args' data_dir); without them the export ranks by cosine similarity, with a warning."""
+    import torch
+
+    from checkpoint import eval_image_size, load_model
+    from retrieval import caption_bank
+    st, sha = os.stat(checkpoint), file_sha256(checkpoint)
+    model, tokenizer, ckpt = load_model(checkpoint, torch.device("cpu"))
+    model.amp = False  # fp32 graphs, and the fp32 embeddings they must match
+    args = ckpt["args"]
+    folder = export_dir(checkpoint)
+    tmp = f"{folder}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        size = eval_image_size(args)
+        _export_graphs(model, tokenizer, tmp, size)
+        if int8:
+            _quantise(tmp)
+        tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))  # what the tokenizers library reads
+        querybank = False
+        if args.get("querybank"):
+            data_dir = data_dir or args.get("data_dir") or ""
+            if os.path.isfile(os.path.join(data_dir, "captions.csv")):
+                np.save(os.path.join(tmp, "querybank.npy"),
+                        caption_bank(model, tokenizer, data_dir, torch.device("cpu")).half().numpy())
+                querybank = True
+            else:
+                log(f"warning: {checkpoint} ranks with querybank normalisation, but its training captions "
+                    f"({os.path.join(data_dir, 'captions.csv')}) are not here: the export ranks by cosine "
+                    "similarity. Pass --data_dir to include them.")
+        meta = {"version": EXPORT_VERSION, "args": args, "image_size": size, "flip": bool(args.get("eval_flip")),
+                "dim": model.image_proj.out_features, "mean": (model.mean[0, :, 0, 0] / 255).tolist(),
+                "std": (model.std[0, :, 0, 0] / 255).tolist(), "logit_scale": model.logit_scale.exp().item(),
+                "pad_id": tokenizer.pad_token_id, "querybank": querybank, "int8": int8,
+                "checkpoint": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha},
+                "files": {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}}
+        with open(os.path.join(tmp, "export.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        _check(model, tokenizer, tmp, checkpoint, size)
+        old = f"{folder}.{os.getpid()}.old"
+        if os.path.isdir(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _export_graphs(model, tokenizer, folder, size):
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+
+    from dataset import tokenize
+
+    class Text(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.m._encode_texts(input_ids, attention_mask)
+
+    class Image(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, images):
+            return F.normalize(self.m.image_proj(self.m.image_tower(images).float()), dim=-1)
+
+    # Padding in the example: with a mask of all ones transformers would leave masking out of the graph.
+    tokens = tokenize(tokenizer, ["a photo", "a dog running through the snow beside a frozen lake"])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter, not the torch.export one: for these two fixed graphs it writes
+        # the same operators in a tenth of the time (seconds, not minutes, at the end of training).
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Text().eval(), (ids, mask), os.path.join(folder, "text.onnx"), dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["txt_emb"], opset_version=17,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "length"},
+                                        "attention_mask": {0: "batch", 1: "length"}, "txt_emb": {0: "batch"}})
+        torch.onnx.export(Image().eval(), (torch.zeros(2, 3, size, size),), os.path.join(folder, "image.onnx"),
+                          dynamo=False, input_names=["images"], output_names=["img_emb"], opset_version=17,
+                          dynamic_axes={"images": {0: "batch"}, "img_emb": {0: "batch"}})
+
+
+def _quantise(folder):
+    """text.int8.onnx and image.int8.onnx beside the fp32 graphs: weights in int8, activations
+    quantised on the fly (onnxruntime's dynamic quantisation)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the model first, once per graph
+    for part in ("text", "image"):
+        quantize_dynamic(os.path.join(folder, f"{part}.onnx"), os.path.join(folder, f"{part}.int8.onnx"),
+                         weight_type=QuantType.QInt8)
+
+
+def _check(model, tokenizer, folder, checkpoint, size):
+    """Refuse an export whose graphs do not give the checkpoint's embeddings (min cosine over a
+    few captions and photos below MIN_COSINE); report the int8 graphs' agreement."""
+    import torch
+
+    from dataset import tokenize
+    texts = ["a dog running through snow", "two children play on a beach beside the water", "a",
+             "a man in a red jacket climbs a rock face while another holds the rope below him"]
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, size, size), dtype=np.uint8)
+    with torch.no_grad():
+        tokens = tokenize(tokenizer, texts)
+        want_txt = model.encode_texts(tokens["input_ids"], tokens["attention_mask"]).numpy()
+        want_img = model.encode_images(torch.from_numpy(images)).numpy()
+    mean, std = (model.mean[0, :, 0, 0] / 255).tolist(), (model.std[0, :, 0, 0] / 255).tolist()
+    for suffix in (".onnx", ".int8.onnx"):
+        if not os.path.isfile(os.path.join(folder, "text" + suffix)):
+            break
+        got_txt = session(os.path.join(folder, "text" + suffix)).run(None, {"input_ids": tokens["input_ids"].numpy(),
+                                                   "attention_mask": tokens["attention_mask"].numpy()})[0]
+        got_img = session(os.path.join(folder, "image" + suffix)).run(None, {"images": normalise(images, mean, std)})[0]
+        cos = min(float((want_txt * got_txt).sum(1).min()), float((want_img * got_img).sum(1).min()))
+        if suffix != ".onnx":
+            log(f"int8 graphs: min cosine to PyTorch fp32 {cos:.4f}")
+        elif cos < MIN_COSINE:
+            raise SystemExit(f"error: the export of {checkpoint} does not reproduce its embeddings (min cosine "
+                             f"{cos:.6f} < {MIN_COSINE}); nothing was written. Please report this with the "
+                             "checkpoint's image_encoder and text_encoder.")
