@@ -11,6 +11,7 @@ device: a uint8 batch is 4x smaller to copy, and the normalisation is one fused 
 
 import csv
 import errno
+import functools
 import json
 import os
 
@@ -22,8 +23,10 @@ from tqdm import tqdm
 
 from atomic import atomic_path, atomic_write
 
-# What search.py indexes in a personal folder.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What search.py indexes in a personal folder. HEIC/HEIF (the iPhone's photos) need pillow-heif;
+# Pillow reads AVIF itself.
+HEIF_EXTENSIONS = (".heic", ".heif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", *HEIF_EXTENSIONS, ".avif")
 # What preprocess_flickr8k.py admits into a dataset: no GIF or TIFF, since a training set is still
 # photos (an animation's first frame, a scan) while a personal folder holds whatever it holds.
 DATASET_EXTENSIONS = tuple(e for e in IMAGE_EXTENSIONS if e not in (".gif", ".tif", ".tiff"))
@@ -65,14 +68,29 @@ def write_captions(data_dir, rows):
         writer.writerows(rows)
 
 
+@functools.cache
+def _heif_opener():
+    """Register pillow-heif's HEIC/HEIF opener with Pillow, once per process, at the first photo
+    opened rather than at import: importing it takes 15-60 ms, which a text search over an index
+    already up to date never needs. Returns whether pillow-heif is installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 def open_rgb(path, size):
     """Open any photo as an upright RGB PIL image, at least `size` pixels a side unless smaller.
 
     Handles what a personal photo folder holds: EXIF orientation, greyscale, 16-bit, CMYK,
-    palette and transparent images (composited on white), the first frame of an animation.
-    Raises (OSError, ValueError, ...) on an unreadable file, and on one above Pillow's
-    MAX_IMAGE_PIXELS (89 MP): such a header more likely belongs to a decompression bomb.
+    palette and transparent images (composited on white), the first frame of an animation,
+    HEIC/HEIF and AVIF. Raises (OSError, ValueError, ...) on an unreadable file, and on one above
+    Pillow's MAX_IMAGE_PIXELS (89 MP): such a header more likely belongs to a decompression bomb.
     """
+    if not _heif_opener() and str(path).lower().endswith(HEIF_EXTENSIONS):
+        raise OSError("reading HEIC/HEIF photos needs pillow-heif: pip install pillow-heif")
     with Image.open(path) as img:
         # Checked here, not by turning Pillow's warning into an error: warning filters are
         # process-wide, and serve.py decodes in several threads at once.
