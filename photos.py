@@ -5,21 +5,40 @@ query photo, an upload) decodes through read_image. Example:
     python -c "import photos; print(photos.read_image('data/flickr8k/images/667626_18933d713e.jpg', 224).shape)"
 """
 
+import functools
+
 import numpy as np
 from PIL import Image, ImageOps
 
-# What search.py indexes in a personal folder.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# What search.py indexes in a personal folder. HEIC/HEIF (the iPhone's photos) need pillow-heif;
+# Pillow reads AVIF itself.
+HEIF_EXTENSIONS = (".heic", ".heif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", *HEIF_EXTENSIONS, ".avif")
+
+
+@functools.cache
+def _heif_opener():
+    """Register pillow-heif's HEIC/HEIF opener with Pillow, once per process, at the first photo
+    opened rather than at import: a text search over an index already up to date never needs it.
+    Returns whether pillow-heif is installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def open_rgb(path, size):
     """Open any photo as an upright RGB PIL image, at least `size` pixels a side unless smaller.
 
     Handles what a personal photo folder holds: EXIF orientation, greyscale, 16-bit, CMYK,
-    palette and transparent images (composited on white), the first frame of an animation.
-    Raises (OSError, ValueError, ...) on an unreadable file, and on one above Pillow's
-    MAX_IMAGE_PIXELS (89 MP): such a header more likely belongs to a decompression bomb.
+    palette and transparent images (composited on white), the first frame of an animation,
+    HEIC/HEIF and AVIF. Raises (OSError, ValueError, ...) on an unreadable file, and on one above
+    Pillow's MAX_IMAGE_PIXELS (89 MP): such a header more likely belongs to a decompression bomb.
     """
+    if not _heif_opener() and str(path).lower().endswith(HEIF_EXTENSIONS):
+        raise OSError("reading HEIC/HEIF photos needs pillow-heif: pip install pillow-heif")
     with Image.open(path) as img:
         # Checked here, not by turning Pillow's warning into an error: warning filters are
         # process-wide, and serve.py decodes in several threads at once.

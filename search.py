@@ -164,7 +164,7 @@ def main(argv=None):
             query_img = read_image(args.image, gallery.image_size)  # (3, S, S)
         except Exception as e:
             raise SystemExit(f"error: cannot read --image {args.image} ({type(e).__name__}: {e}); "
-                             "give a JPEG, PNG or WebP photo.")
+                             "give a JPEG, PNG, WebP, HEIC or AVIF photo.")
     ix, interrupted = index_gallery(gallery)
     shown_root = gallery.shown_root
     if interrupted:

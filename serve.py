@@ -49,6 +49,8 @@ ASSETS = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
 MAX_QUERY_CHARS = 1000  # the text tower reads at most a few hundred tokens anyway
 MAX_K = 200
 MAX_UPLOAD = 32 << 20  # bytes: a large camera photo fits
+READ_TIMEOUT = 20.0  # seconds a socket read or write may wait: a stalled client frees its thread
+MAX_CONNECTIONS = 256  # connections served at once, a thread each; beyond, a new one gets 503 at once
 THUMB_SIZES = {"small": 256, "large": 1024}
 THUMB_CACHE = 4000  # thumbnails kept in memory (~10 KB each at 256 px)
 STEP = 64  # photos encoded between two publications of the growing index
@@ -203,12 +205,77 @@ def row_number(text):
     return int(text)
 
 
+# A client that hung up, reset the connection or stalled past READ_TIMEOUT: nothing to answer.
+CLIENT_GONE = (ConnectionError, TimeoutError)
+BUSY = json.dumps({"error": "busy: too many connections open; try again in a moment"}).encode()
+BUSY_RESPONSE = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+                 b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s" % (len(BUSY), BUSY))
+
+
+class Server(ThreadingHTTPServer):
+    """A thread per connection, each bounded in time (read_timeout per socket read or write) and in
+    number (max_connections; counted in `connections`, whose changes `changed` announces). Both
+    are attributes, read at each new connection, so a test can lower them."""
+
+    daemon_threads = True
+    # Connections not yet accepted, which the kernel holds. socketserver's 5 overflows in a burst,
+    # and each connection the kernel drops waits a second for the client to try again.
+    request_queue_size = MAX_CONNECTIONS
+
+    def __init__(self, address, handler):
+        super().__init__(address, handler)
+        self.read_timeout, self.max_connections = READ_TIMEOUT, MAX_CONNECTIONS
+        self.connections, self.changed = 0, threading.Condition()
+
+    def process_request(self, request, client_address):
+        with self.changed:
+            admitted = self.connections < self.max_connections
+            self.connections += admitted
+            self.changed.notify_all()
+        if not admitted:
+            # Answered here, in the accepting thread, without reading the request: the refusal
+            # costs no thread, and a send of a few hundred bytes into a new socket does not block.
+            try:
+                request.setblocking(False)
+                request.send(BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (the system's limit): give the place back
+            self.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.release()
+
+    def release(self):
+        with self.changed:
+            self.connections -= 1
+            self.changed.notify_all()
+
+    def handle_error(self, request, client_address):
+        # socketserver prints a traceback. Handler answers each request's own errors, so what
+        # arrives here is the connection failing, mostly a client that hung up: one line says enough.
+        e = sys.exc_info()[1]
+        log(f"connection from {client_address[0]} dropped: {type(e).__name__}: {e}"[:200])
+
+
 class Handler(BaseHTTPRequestHandler):
     library = None  # set by make_server
     server_version = "photo-search"
 
     def log_message(self, *args):
         pass  # a line per request would bury the indexing progress
+
+    def setup(self):
+        self.timeout = self.server.read_timeout  # StreamRequestHandler.setup sets it on the socket
+        super().setup()
 
     def send(self, status, body, content_type, cache=False):
         self.send_response(status)
@@ -235,6 +302,8 @@ class Handler(BaseHTTPRequestHandler):
             route(urlsplit(self.path))
         except BadRequest as e:
             self.send_json(e.args[0], {"error": e.args[1]})
+        except CLIENT_GONE:
+            raise  # no one to answer: Server.handle_error logs it
         except Exception as e:  # a bug or a vanished file must not take the server down
             log(f"error on {self.command} {readable(self.path)[:200]}: {type(e).__name__}: {e}")
             self.send_json(500, {"error": f"{type(e).__name__}: {e}"})
@@ -293,7 +362,14 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(413, f"photo too large: {n} bytes, at most {MAX_UPLOAD}")
         if n <= 0:
             raise BadRequest(400, "empty upload: choose a photo file")
-        self.send_json(200, self.library.search_image(self.rfile.read(n), k))
+        try:
+            data = self.rfile.read(n)
+        except TimeoutError:
+            self.close_connection = True  # the stream stopped mid-body: it cannot carry another request
+            raise BadRequest(408, f"upload stalled: nothing came for {self.timeout:g} s")
+        if len(data) < n:  # the client closed its side early: a cut-off file is not the photo
+            raise BadRequest(400, f"incomplete upload: {len(data)} of {n} bytes")
+        self.send_json(200, self.library.search_image(data, k))
 
 
 def make_server(args):
@@ -302,10 +378,9 @@ def make_server(args):
     library = Library(Gallery(args, model), model)
     handler = type("LibraryHandler", (Handler,), {"library": library})
     try:
-        server = ThreadingHTTPServer((args.host, args.port), handler)
+        server = Server((args.host, args.port), handler)
     except OSError as e:
         raise SystemExit(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}); pass another --port.")
-    server.daemon_threads = True
     library.rescan(library.gallery.scan())  # scanned here, so that a missing folder or dataset stops the start
     return server, library
 

@@ -9,13 +9,18 @@ an hour on 2 cores), then starts serve.py over it, so the server indexes the --n
 --clients threads each send --queries text searches and fetch the first row of thumbnails, as
 the page does. Reports errors and latency p50/p95 under that load; then, with every photo
 indexed, the warm latency of one client alone: the JSON of a search, and the JSON plus the first
-row of thumbnails (the first results on screen).
+row of thumbnails (the first results on screen). --bad_clients N then sends N clients that promise
+an upload, send a little of it and hang up, and counts the lines and tracebacks they leave in the
+server's log (stderr).
 """
 
 import argparse
+import contextlib
 import http.client
+import io
 import json
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -45,6 +50,7 @@ def get_args(argv=None):
     p.add_argument("--queries", type=int, default=50, help="searches per client")
     p.add_argument("--warm_queries", type=int, default=50, help="searches of the lone client, once indexed")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as failed")
+    p.add_argument("--bad_clients", type=int, default=0, help="then clients that promise an upload and hang up")
     return p.parse_args(argv)
 
 
@@ -87,6 +93,21 @@ def search(address, q, thumbs, timeout):
             raise RuntimeError(f"thumbnail {hit['id']}: {t.status}")
     conn.close()
     return time.perf_counter() - start
+
+
+def bad_clients(server, n, timeout):
+    """(log lines, tracebacks) on stderr from `n` clients that each promise a 100 KB upload, send the
+    first 1,000 bytes and close, one after another; counted once the server has let go of them all."""
+    host, port = server.server_address[:2]
+    head = f"POST /api/image HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 100000\r\n\r\n".encode()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        for _ in range(n):
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                s.sendall(head + b"\xff\xd8\xff" + bytes(997))  # the start of a JPEG
+        with server.changed:
+            server.changed.wait_for(lambda: server.connections == 0, timeout)
+    return len(err.getvalue().splitlines()), err.getvalue().count("Traceback")
 
 
 def percentiles(times):
@@ -132,6 +153,10 @@ def main(argv=None):
             search(address, "warm-up", thumbs, args.timeout)
             lone = [search(address, QUERIES[j % len(QUERIES)], thumbs, args.timeout) for j in range(args.warm_queries)]
             print(f"warm, one client, {len(library.ix)} photos indexed, {what}: {percentiles(lone)}")
+        if args.bad_clients:
+            lines, tracebacks = bad_clients(server, args.bad_clients, args.timeout)
+            print(f"{args.bad_clients} clients that promise an upload and hang up: {lines} lines in the log, "
+                  f"{tracebacks} tracebacks")
         server.shutdown()
         server.server_close()
     return 1 if errors else 0
