@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from checkpoint import eval_image_size, load_model  # noqa: E402
 from cli import non_negative_int, positive_int  # noqa: E402
 from dataset import EvalSplit, tokenize  # noqa: E402

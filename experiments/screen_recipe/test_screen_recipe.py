@@ -1,4 +1,4 @@
-"""benchmarks/screen_recipe.py, the GPU screen behind RESULTS.md's table of recipe variants."""
+"""experiments/screen_recipe/screen_recipe.py, the GPU screen behind RESULTS.md's table of recipe variants."""
 
 import importlib.util
 import json
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import model
 import train
 
-_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "screen_recipe.py")
+_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "screen_recipe.py")
 _spec = importlib.util.spec_from_file_location("screen_recipe", _path)
 screen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(screen)

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train  # noqa: E402
 from checkpoint import eval_image_size, load_model  # noqa: E402
 from dataset import read_captions, tokenize  # noqa: E402

@@ -1,4 +1,4 @@
-"""benchmarks/ranking_levers.py: the ranking-time levers behind RESULTS.md's table, each against a
+"""experiments/ranking_levers/ranking_levers.py: the ranking-time levers behind RESULTS.md's table, each against a
 brute-force reference."""
 
 import importlib.util
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from model import DualEncoder, load_tokenizer
 from retrieval import encode_image_dataset, encode_texts
 
-_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "ranking_levers.py")
+_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ranking_levers.py")
 _spec = importlib.util.spec_from_file_location("ranking_levers", _path)
 levers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(levers)
