@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from atomic import atomic_path
-from model import DualEncoder, _first_line, _mismatch, load_tokenizer
+from model import DualEncoder, first_line, load_tokenizer, state_dict_mismatch
 
 # The arguments of train.py that define a model and how evaluate.py and search.py use it: a
 # checkpoint's args hold them, and a resume rebuilds the run's model from them, whatever flags it
@@ -58,7 +58,7 @@ def save_checkpoint(path, model, args, epoch, metrics, optimizer=None, **extra):
             torch.save(ckpt, tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         kept = f"the previous {path} is intact" if os.path.exists(path) else f"no {path} was written"
-        raise SystemExit(f"error: could not write {path} ({_first_line(e)}); {kept}. Free disk space "
+        raise SystemExit(f"error: could not write {path} ({first_line(e)}); {kept}. Free disk space "
                          "(or fix the folder's permissions) and run again.")
 
 
@@ -76,7 +76,7 @@ def read_checkpoint(path):
             raise SystemExit(f"error: refusing {path}: it holds Python objects that could run code when "
                              "loaded, not just tensors and plain data. Use a checkpoint written by train.py.")
         # torch's long advice on weights_only for other pickles does not apply: it is just not ours
-        why = "not a PyTorch checkpoint" if "Weights only load failed" in str(e) else _first_line(e)
+        why = "not a PyTorch checkpoint" if "Weights only load failed" in str(e) else first_line(e)
         raise SystemExit(f"error: {path} is not a readable checkpoint ({why}); it may be truncated or "
                          "damaged. Use another one (best.pt, checkpoint_epoch_N.pt).")
     if not isinstance(ckpt, dict) or not {"model", "args"} <= set(ckpt):
@@ -95,7 +95,7 @@ def load_weights(model, state, path):
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise SystemExit(f"error: {path} does not fit the model its args describe ({_mismatch(e)}); it comes "
+        raise SystemExit(f"error: {path} does not fit the model its args describe ({state_dict_mismatch(e)}); it comes "
                          "from another version or configuration. Use a checkpoint written by this train.py.")
 
 

@@ -160,21 +160,21 @@ def _load_image_weights(net, path, name):
     except FileNotFoundError:
         raise SystemExit(f"error: image weights file {path} not found.")
     except Exception as e:
-        raise SystemExit(f"error: cannot read image weights {path}: {_first_line(e)}")
+        raise SystemExit(f"error: cannot read image weights {path}: {first_line(e)}")
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:  # wrong keys or shapes, or not a dict at all
-        raise SystemExit(f"error: {path} is not a state dict of {name} ({_mismatch(e)}); pass the "
+        raise SystemExit(f"error: {path} is not a state dict of {name} ({state_dict_mismatch(e)}); pass the "
                          f"weights of {name} itself, or pick the matching --image_encoder.")
 
 
-def _first_line(err):
+def first_line(err):
     """The exception's type and first sentence: library messages go on with advice that is not ours."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0].split('. ')[0][:200]}" if text else type(err).__name__
 
 
-def _mismatch(err):
+def state_dict_mismatch(err):
     """load_state_dict's error in one line: its first line is only a header, the reasons follow."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return "; ".join(lines[1:] if len(lines) > 1 else lines)[:300]
@@ -216,7 +216,7 @@ def build_text_tower(name, pretrained=True, config=None):
             cfg = AutoConfig.for_model(**config)
         except (TypeError, ValueError, KeyError) as e:  # no or an unknown model_type
             raise SystemExit(f"error: the checkpoint's text encoder configuration is not usable "
-                             f"({_first_line(e)}); was it written by this project's train.py?")
+                             f"({first_line(e)}); was it written by this project's train.py?")
         return AutoModel.from_config(cfg)
     try:
         if pretrained:
