@@ -21,6 +21,7 @@ from atomic import atomic_write
 from checkpoint import eval_image_size, load_model
 from cli import non_negative_int, positive_int
 from device import keep_freed_memory, pick_device, precision_summary
+from encoder import file_sha256
 from retrieval import chance_recall, evaluate_split, format_metrics
 
 
@@ -47,6 +48,20 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def bank_cache(checkpoint, data_dir, options, device, amp):
+    """Where the querybank's embeddings (the train split's 30,000 captions and 6,000 photos on
+    Flickr8K: minutes to encode on a CPU) are kept beside the checkpoint, and the key that ties them
+    to the checkpoint file, the training captions and how photos and captions were encoded."""
+    try:
+        captions = os.stat(os.path.join(data_dir, "captions.csv"))
+    except OSError:
+        return None  # evaluate_split says what is missing
+    key = (f"{file_sha256(checkpoint)}:{os.path.realpath(data_dir)}:{captions.st_size}:{captions.st_mtime_ns}:"
+           f"{options['eval_image_size']}:{options['eval_flip']}:{device.type}:{amp}")
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"querybank_eval_{stem}.npz"), key
+
+
 def main(argv=None):
     args = get_args(argv)
     keep_freed_memory()
@@ -62,7 +77,8 @@ def main(argv=None):
                "querybank": trained.get("querybank", False) if args.querybank is None else args.querybank}
     metrics = evaluate_split(model, tokenizer, data_dir, args.split, options["eval_image_size"], device,
                              args.batch_size, args.num_workers, querybank=options["querybank"],
-                             flip=options["eval_flip"])
+                             flip=options["eval_flip"],
+                             bank_cache=bank_cache(args.checkpoint, data_dir, options, device, model.amp))
     n_images = metrics["n_images"]
     print(f"{args.checkpoint} (epoch {ckpt.get('epoch')}) on {data_dir} [{args.split}]: "
           f"{n_images} photos, {metrics['n_queries']} captions; photos at {options['eval_image_size']} px"

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import index
+from atomic import atomic_path
 from dataset import EvalSplit, read_captions, tokenize
 
 KS = (1, 5, 10)
@@ -105,12 +106,13 @@ def caption_bank(model, tokenizer, data_dir, device):
 
 
 def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_size=64, num_workers=0,
-                   querybank=False, flip=False, image_embeddings=None):
+                   querybank=False, flip=False, image_embeddings=None, bank_cache=None):
     """Encode one split's photos and captions and return its recall_metrics. querybank: rank with
     querybank normalisation, the banks being the train split's captions and photos. flip: embed
     each photo averaged with its mirror image (train.py --eval_flip). image_embeddings: a function
     of the model (in eval mode) giving the photos' embeddings in EvalSplit order, instead of
-    encoding them (train.py: from the frozen blocks' cached output)."""
+    encoding them (train.py: from the frozen blocks' cached output). bank_cache: (path, key), where
+    the banks' embeddings are kept for the next call with the same key (evaluate.py)."""
     data = EvalSplit(data_dir, split, image_size)
     was_training = model.training
     model.eval()
@@ -121,13 +123,40 @@ def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_
     txt_emb = encode_texts(model, tokenizer, data.captions, device)
     img_bias = txt_bias = None
     if querybank:
-        bank_txt = caption_bank(model, tokenizer, data_dir, device)
-        bank_img = encode_image_dataset(model, EvalSplit(data_dir, "train", image_size).image_dataset, device,
-                                        batch_size, num_workers, desc="encoding the photo bank", flip=flip)
+        banks = _read_banks(bank_cache)
+        if banks is None:
+            banks = caption_bank(model, tokenizer, data_dir, device), encode_image_dataset(
+                model, EvalSplit(data_dir, "train", image_size).image_dataset, device, batch_size, num_workers,
+                desc="encoding the photo bank", flip=flip)
+            _write_banks(bank_cache, banks)
+        bank_txt, bank_img = banks
         scale = model.logit_scale.exp().item()
         img_bias, txt_bias = querybank_bias(img_emb, bank_txt, scale), querybank_bias(txt_emb, bank_img, scale)
     model.train(was_training)
     return recall_metrics(img_emb, txt_emb, data.caption_image, img_bias, txt_bias)
+
+
+def _read_banks(cache):
+    """The (captions, photos) banks kept at cache = (path, key), or None."""
+    if cache is None:
+        return None
+    try:
+        with np.load(cache[0], allow_pickle=False) as data:
+            if str(data["key"]) == cache[1]:
+                return torch.from_numpy(data["captions"]), torch.from_numpy(data["photos"])
+    except Exception:  # missing, damaged or of another checkpoint: encoded again
+        return None
+
+
+def _write_banks(cache, banks):
+    """Keep the banks in float32, so that a cached call gives the very figures of the first."""
+    if cache is None:
+        return
+    try:
+        with atomic_path(cache[0]) as tmp, open(tmp, "wb") as f:
+            np.savez(f, key=np.array(cache[1]), captions=banks[0].numpy(), photos=banks[1].numpy())
+    except OSError:
+        pass  # a read-only folder: encode again next time
 
 
 def format_metrics(metrics):

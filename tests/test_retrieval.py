@@ -96,3 +96,31 @@ def test_querybank_demotes_a_hub():
     bank = torch.nn.functional.normalize(0.5 * e + 0.8 * hub, dim=-1)  # other captions of the same kind
     fixed = recall_metrics(img, txt, caption_image, img_bias=querybank_bias(img, bank, 20.0))
     assert fixed["t2i"]["R@1"] == 100.0
+
+
+def test_evaluate_keeps_the_querybank_beside_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import json
+    import os
+
+    from tiny import make_checkpoint
+
+    import evaluate
+    import retrieval
+    ck = make_checkpoint(tmp_path / "m" / "best.pt", os.path.join(tiny_data, "text_encoder"), 0,
+                         querybank=True, data_dir=tiny_data)
+    encoded, real = [], retrieval.encode_image_dataset
+    monkeypatch.setattr(retrieval, "encode_image_dataset",
+                        lambda *a, **k: encoded.append(k.get("desc")) or real(*a, **k))
+    out = tmp_path / "r.json"
+
+    def figures(*extra):
+        assert evaluate.main(["--checkpoint", ck, "--split", "val", "--num_workers", "0", "--device", "cpu",
+                              "--output_json", str(out), *extra]) == 0
+        return json.loads(out.read_text())
+    first = figures()
+    assert encoded.count("encoding the photo bank") == 1
+    assert figures() == first and encoded.count("encoding the photo bank") == 1  # the kept bank, same figures
+    assert figures("--eval_flip")["eval_flip"] is True and encoded.count("encoding the photo bank") == 2
+    assert figures() == first and encoded.count("encoding the photo bank") == 3  # one bank is kept: the last
+    os.utime(ck, ns=(1, 2))  # the same content: the bank still serves
+    assert figures() == first and encoded.count("encoding the photo bank") == 3
