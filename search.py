@@ -90,8 +90,9 @@ def read_queries(path):
 
 
 def report_index(ix, report, path):
-    changes = {k: report[k] for k in ("added", "updated", "removed") if report[k]}
+    changes = {k: report[k] for k in ("added", "updated", "removed", "reused") if report[k]}
     if changes:
+        # reused: moved, renamed or duplicate photos whose embedding was found by content, not encoded
         log(f"index {path}: {len(ix)} photos (" + ", ".join(f"{v} {k}" for k, v in changes.items()) + ")")
     failed = report["failed"]
     if failed:
