@@ -8,7 +8,11 @@ a result. What search.py and serve.py share. Example:
 import csv
 import hashlib
 import os
+import re
 import sys
+from typing import NamedTuple
+
+import numpy as np
 
 from cli import non_negative_int, positive_int
 from index import GalleryIndex, querybank_bias, scan_folder
@@ -151,6 +155,61 @@ class Gallery:
                 "pass --index_dir with a writable folder to keep it between runs.")
 
 
+# A + or - with space (or the query's start) on both sides starts a term: "t-shirt" stays words.
+TERM_SIGN = re.compile(r"(?<!\S)([+-])(?!\S)")
+# "2:sunset", "0.5:dog.jpg"; not "10:30", a time, nor "C:/photo.jpg", a drive.
+TERM_WEIGHT = re.compile(r"(\d+(?:\.\d+)?|\.\d+):(?!\d)(.+)", re.S)
+
+
+class Term(NamedTuple):
+    weight: float  # signed: a - term has a negative weight
+    text: str  # as written (its weight prefix removed)
+    photo: object  # None for words; else what photo_of(text) returned (a path, a row, ...)
+
+
+def parse_query(query, photo_of):
+    """The terms of a combined query such as "a beach + ~/dog.jpg - 2:people": each a text or a
+    photo, signed and optionally weighted ("2:"). photo_of(text) -> None (the term is words) or
+    what names the photo; a term that is not a photo's name stays words. Raises ValueError on an
+    empty term."""
+    parts = TERM_SIGN.split(query.strip())
+    parts = parts[1:] if parts[0] == "" and len(parts) > 1 else ["+", *parts]
+    terms = []
+    for sign, text in zip(parts[0::2], parts[1::2]):
+        m = TERM_WEIGHT.fullmatch(text.strip())
+        weight, text = (float(m[1]), m[2].strip()) if m else (1.0, text.strip())
+        if not text:
+            raise ValueError(f"empty term in the query {query!r}: write words or a photo between + and -")
+        terms.append(Term(-weight if sign == "-" else weight, text, photo_of(text)))
+    return terms
+
+
+def combine(weights, embs):
+    """The unit vector along sum_i weights[i] * embs[i] ((T,) and (T, D)): the combined query.
+    A single term of positive weight is its embedding, unchanged. Raises ValueError when the
+    terms cancel out."""
+    embs = np.asarray(embs, np.float32)
+    if len(weights) == 1 and weights[0] > 0:
+        return embs[0]
+    v = (np.asarray(weights, np.float32)[:, None] * embs).sum(0)
+    norm = float(np.linalg.norm(v))
+    if norm < 1e-6:
+        raise ValueError("the query's terms cancel out: nothing is left to search for")
+    return v / norm
+
+
+def embed_queries(encoder, queries, photo_emb):
+    """(Q, D) float32 combined embeddings of parsed queries (lists of Term) and, per query, whether
+    it holds words (the querybank bias applies: top_hits). All the words of all the queries are
+    encoded in one batch; photo_emb(term.photo) -> (D,) embeds a photo term."""
+    texts = sorted({t.text for terms in queries for t in terms if t.photo is None})
+    text_emb = dict(zip(texts, encoder.encode_texts(texts))) if texts else {}
+    out = [combine([t.weight for t in terms],
+                   [text_emb[t.text] if t.photo is None else photo_emb(t.photo) for t in terms])
+           for terms in queries]
+    return np.stack(out).astype(np.float32), [any(t.photo is None for t in terms) for terms in queries]
+
+
 def encode_query(encoder, texts=None, images=None):
     """(Q, D) float32 embeddings of text queries, or of photo queries (Q, 3, S, S) uint8."""
     if images is not None:
@@ -158,11 +217,22 @@ def encode_query(encoder, texts=None, images=None):
     return encoder.encode_texts(texts)
 
 
-def top_hits(ix, q_emb, k, text):
-    """[(row, score), ...] best first, per query. The querybank bias corrects text queries only:
-    it measures how close a photo is to captions."""
-    scores, rows = ix.top_k(q_emb, k, bias=ix.bias if text else None)  # (Q, k) each
-    return [list(zip(rr, ss)) for rr, ss in zip(rows.tolist(), scores.tolist())]
+def top_hits(ix, q_emb, k, text, min_score=None):
+    """[(row, score), ...] best first, per query, at least min_score if given. text: per query (or
+    one for all), whether it holds words. The querybank bias corrects queries with words only: it
+    measures how close a photo is to captions, the hubs that words' scores favour; a photo query
+    meets no such hubs. A combined query with any words gets it (its words pull it towards the
+    captions); one of photos alone ranks as --image does."""
+    text = [text] * len(q_emb) if isinstance(text, bool) else list(text)
+    hits = [None] * len(q_emb)
+    for flag in (True, False):
+        qs = [i for i, t in enumerate(text) if t == flag]
+        if not qs:
+            continue
+        scores, rows = ix.top_k(np.asarray(q_emb)[qs], k, bias=ix.bias if flag else None)  # (Q', k) each
+        for i, rr, ss in zip(qs, rows.tolist(), scores.tolist()):
+            hits[i] = [(r, s) for r, s in zip(rr, ss) if min_score is None or s >= min_score]
+    return hits
 
 
 def result_rows(labels, results):

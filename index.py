@@ -13,6 +13,7 @@ gallery.py builds on it: the photos and index file of a checkpoint's gallery, an
 """
 
 import copy
+import hashlib
 import json
 import os
 from collections import deque
@@ -23,7 +24,9 @@ import numpy as np
 from atomic import atomic_path
 from photos import IMAGE_EXTENSIONS, read_or_blank
 
-INDEX_VERSION = 3  # 3: NumPy arrays in a .npz file, tied to the checkpoint file
+INDEX_VERSION = 4  # 3: NumPy arrays in a .npz file, tied to the checkpoint file; 4: content fingerprints
+FINGERPRINT_BYTES = 64 << 10  # read from each end of a new or changed file to recognise a moved or copied photo
+NO_FINGERPRINT = bytes(16)  # of a file that could not be read: matches nothing
 CHUNK_ROWS = 16384  # 32 MB of float32 at D=512 per chunk: few enough chunks, small enough to stay in cache
 RESCORE_EXTRA = 16  # candidates kept beyond k for the float32 rescoring: room for float16 rounding
 
@@ -62,6 +65,22 @@ def scan_folder(root):
                 continue
             files[os.path.relpath(path, root).replace(os.sep, "/")] = (st.st_size, st.st_mtime_ns)
     return files
+
+
+def content_fingerprint(path, size):
+    """16 bytes that tell photos apart by content, not name: BLAKE2b of the size and the first and
+    last FINGERPRINT_BYTES (a smaller file: all of it), so a photo moved, renamed or copied is
+    recognised without reading whole files. NO_FINGERPRINT for a file that cannot be read."""
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            h.update(f.read(FINGERPRINT_BYTES))
+            if size > 2 * FINGERPRINT_BYTES:
+                f.seek(-FINGERPRINT_BYTES, os.SEEK_END)
+            h.update(f.read(FINGERPRINT_BYTES))
+    except OSError:
+        return NO_FINGERPRINT
+    return h.digest()
 
 
 def encode_image_files(encoder, paths, image_size, batch_size=32, num_workers=0):
@@ -110,6 +129,10 @@ class GalleryIndex:
         self.emb = np.empty((0, dim), np.float16)  # (N, D)
         self.paths = []  # (N,) relative, '/'-separated
         self.stats = np.empty((0, 2), np.int64)  # (N, 2): size, mtime_ns
+        self.fps = np.empty((0, 16), np.uint8)  # (N, 16): content_fingerprint of each photo
+        # Embeddings of photos dropped from the index, {fingerprint: (D,)}, in memory only: a photo
+        # moved to a path that a later update (serve.py's steps) adds is not encoded again.
+        self.spare = {}
         self.bias = None  # (N,) float32 querybank bias, subtracted from text queries' scores
         self.bank_key = ""  # which caption bank the biases come from ("": none)
         self.failed = {}  # unreadable files, {path: [size, mtime_ns, reason]}: retried once they change
@@ -126,14 +149,15 @@ class GalleryIndex:
                 if meta.get("version") != INDEX_VERSION:
                     return None
                 ix = cls(meta["fingerprint"], meta["root"], data["embeddings"].shape[1], meta["checkpoint"])
-                ix.emb, ix.stats = data["embeddings"], data["stats"]
+                ix.emb, ix.stats, ix.fps = data["embeddings"], data["stats"], data["fingerprints"]
                 ix.bias = data["bias"] if "bias" in data else None
                 # One NUL-joined string, not a list: a million small strings would be slow to store.
                 text = data["paths"].tobytes().decode("utf-8", "surrogateescape")
         except Exception:
             return None  # missing, damaged or foreign: rebuilt either way
         ix.failed, ix.bank_key, ix.paths = meta["failed"], meta["bank_key"], text.split("\0") if text else []
-        if not (len(ix.paths) == len(ix.emb) == len(ix.stats) and (ix.bias is None or len(ix.bias) == len(ix.emb))):
+        if not (len(ix.paths) == len(ix.emb) == len(ix.stats) == len(ix.fps)
+                and (ix.bias is None or len(ix.bias) == len(ix.emb))):
             return None
         return ix
 
@@ -156,7 +180,7 @@ class GalleryIndex:
         """A copy to update while searches go on reading this one: update() replaces the arrays
         rather than writing into them, so only the path list and the failures are copied."""
         new = copy.copy(self)
-        new.paths, new.failed = list(self.paths), dict(self.failed)
+        new.paths, new.failed, new.spare = list(self.paths), dict(self.failed), dict(self.spare)
         return new
 
     def save(self, path):
@@ -164,7 +188,7 @@ class GalleryIndex:
         meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "root": self.root,
                 "checkpoint": self.checkpoint, "failed": self.failed, "bank_key": self.bank_key}
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), "embeddings": self.emb,
-                  "stats": self.stats,
+                  "stats": self.stats, "fingerprints": self.fps,
                   "paths": np.frombuffer("\0".join(self.paths).encode("utf-8", "surrogateescape"), np.uint8)}
         if self.bias is not None:
             arrays["bias"] = self.bias
@@ -173,22 +197,25 @@ class GalleryIndex:
 
     def update(self, files, encoder, batch_size=32, num_workers=0, make_bias_fn=None, bank_key=""):
         """Match the index to `files` ({relative path: (size, mtime_ns)} under root): drop photos
-        that are gone, encode new and changed ones with `encoder` (encoder.py). make_bias_fn()
-        -> bias_fn, where bias_fn(emb (M, D)) -> (M,) gives photos their querybank bias from the
-        caption bank named `bank_key`; it is called before the encoding, so that a Ctrl-C while it
-        prepares (encodes the caption bank) loses no photo encoded. Biases of another bank (or
-        none) are computed again from the stored embeddings: no photo is decoded for that.
-        Returns counts and the unreadable files:
-        {"added", "updated", "removed", "failed": [(path, reason)], "interrupted", "changed"}."""
+        that are gone, embed new and changed ones: a photo whose content the index holds (moved,
+        renamed, copied: content_fingerprint) takes its embedding, exact duplicates are encoded
+        once, the rest with `encoder` (encoder.py). make_bias_fn() -> bias_fn, where
+        bias_fn(emb (M, D)) -> (M,) gives photos their querybank bias from the caption bank named
+        `bank_key`; it is called before the encoding, so that a Ctrl-C while it prepares (encodes
+        the caption bank) loses no photo encoded. Biases of another bank (or none) are computed
+        again from the stored embeddings: no photo is decoded for that. Returns counts and the
+        unreadable files: {"added", "updated", "removed", "reused", "failed": [(path, reason)],
+        "interrupted", "changed"}."""
         old_stats, n_failed = self.stats.tolist(), len(self.failed)
         keep = [i for i, p in enumerate(self.paths) if list(files.get(p, ())) == old_stats[i]]
         self.failed = {p: v for p, v in self.failed.items() if list(files.get(p, ())) == v[:2]}
         known = {self.paths[i] for i in keep} | set(self.failed)
         todo = sorted(p for p in files if p not in known)
-        seen, done = set(self.paths), []
+        seen = set(self.paths)
         removed = sum(p not in files for p in self.paths)
+        held = self._held(keep) if todo else {}
         if len(keep) < len(self.paths):
-            self.emb, self.stats = self.emb[keep], self.stats[keep]
+            self.emb, self.stats, self.fps = self.emb[keep], self.stats[keep], self.fps[keep]
             self.bias = None if self.bias is None else self.bias[keep]
             self.paths = [self.paths[i] for i in keep]
         interrupted, rebiased = False, bank_key != self.bank_key
@@ -196,25 +223,59 @@ class GalleryIndex:
         if rebiased:
             self.bias = bias_fn(self.emb) if bias_fn is not None else None
             self.bank_key = bank_key if bias_fn is not None else ""
+        done, reused = [], 0
         if todo:
-            emb, errors = encode_image_files(encoder, [os.path.join(self.root, p) for p in todo],
-                                             encoder.image_size, batch_size, num_workers)
-            interrupted = len(errors) < len(todo)
-            done = [p for p, e in zip(todo, errors) if not e]
+            done, emb, fps, errors, interrupted, reused = self._embed(todo, files, held, encoder, batch_size,
+                                                                      num_workers)
             if bias_fn is not None:  # before anything changes: rows, paths and biases stay aligned
                 old = np.empty(0, np.float32) if self.bias is None else self.bias
                 self.bias = np.concatenate([old, bias_fn(emb)])
-            self.emb = np.concatenate([self.emb, emb])
+            self.emb, self.fps = np.concatenate([self.emb, emb]), np.concatenate([self.fps, fps])
             self.stats = np.concatenate([self.stats, np.array([files[p] for p in done], np.int64).reshape(-1, 2)])
             self.paths += done
-            for p, e in zip(todo, errors):
-                if e:
-                    self.failed[p] = [*files[p], e]
+            self.failed.update({p: [*files[p], e] for p, e in errors.items()})
         report = {"added": sum(p not in seen for p in done), "updated": sum(p in seen for p in done),
-                  "removed": removed, "interrupted": interrupted}
+                  "removed": removed, "reused": reused, "interrupted": interrupted}
         report["failed"] = sorted((p, v[2]) for p, v in self.failed.items())
         report["changed"] = bool(todo) or rebiased or len(keep) < len(old_stats) or len(self.failed) < n_failed
         return report
+
+    def _held(self, keep):
+        """{fingerprint: embedding (D,)} the index holds: its rows, those about to be dropped (moved
+        photos, which join spare) and spare ones."""
+        kept = set(keep)
+        for i, fp in enumerate(map(bytes, self.fps)):
+            if i not in kept:
+                self.spare[fp] = self.emb[i]
+        held = {**self.spare, **{bytes(self.fps[i]): self.emb[i] for i in keep}}
+        held.pop(NO_FINGERPRINT, None)
+        return held
+
+    def _embed(self, todo, files, held, encoder, batch_size, num_workers):
+        """Embed the files `todo`: from `held` by content fingerprint, else encoded, each content
+        once. Returns (paths done, their emb (M, D) float16 and fingerprints (M, 16), {path: why
+        unreadable}, interrupted, how many were not encoded: reused or duplicates)."""
+        fps = [content_fingerprint(os.path.join(self.root, p), files[p][0]) for p in todo]
+        keys = [fp if fp != NO_FINGERPRINT else p for p, fp in zip(todo, fps)]  # an unreadable file is its own
+        first = {}
+        for p, key in zip(todo, keys):
+            first.setdefault(key, p)
+        encode = [key for key in first if key not in held]
+        emb, errors = encode_image_files(encoder, [os.path.join(self.root, first[k]) for k in encode],
+                                         encoder.image_size, batch_size, num_workers)
+        got = dict(zip([k for k, e in zip(encode, errors) if not e], emb))
+        why = {k: e for k, e in zip(encode, errors) if e}
+        done, rows, reused, failed = [], [], 0, {}
+        for p, key, fp in zip(todo, keys, fps):
+            if key in held or key in got:
+                done.append((p, fp))
+                rows.append(held[key] if key in held else got[key])
+                reused += key in held or first[key] != p
+            elif key in why:
+                failed[p] = why[key]
+        out = np.stack(rows).astype(np.float16) if rows else np.empty((0, encoder.dim), np.float16)
+        out_fps = np.frombuffer(b"".join(fp for _, fp in done), np.uint8).reshape(-1, 16)
+        return [p for p, _ in done], out, out_fps, failed, len(errors) < len(encode), reused
 
     def top_k(self, query_emb, k, chunk_rows=CHUNK_ROWS, bias=None):
         """Exact top-k by cosine similarity for L2-normalised queries (Q, D), less the photos'

@@ -5,6 +5,8 @@
     python search.py --images_dir ~/Pictures --query "birthday cake with candles"
     python search.py --images_dir ~/Pictures --image ~/Pictures/beach.jpg
     python search.py --images_dir ~/Pictures --queries queries.txt --json > hits.json
+    python search.py --images_dir ~/Pictures --query "a beach + ~/Pictures/dog.jpg - 2:people"
+    python search.py --images_dir ~/Pictures --query cat --min_score 0.25 --paths | xargs -d '\n' cp -t ~/cats
 
 The gallery is the checkpoint's Flickr8K photos or, with --images_dir, any folder of photos
 (searched recursively). Its embeddings live in an index file beside the checkpoint
@@ -26,10 +28,12 @@ import encoder
 from cli import positive_int
 from gallery import (
     Gallery,
+    Term,
     add_gallery_args,
     check_gallery_args,
-    encode_query,
+    embed_queries,
     log,
+    parse_query,
     readable,
     result_rows,
     slug,
@@ -44,11 +48,16 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # query: exactly one kind
     q = p.add_mutually_exclusive_group(required=True)
-    q.add_argument("--query", help="what to look for, in words")
+    q.add_argument("--query", help="what to look for: words, a photo's path, or terms combined with + and - "
+                                   "('a beach + dog.jpg - 2:people')")
     q.add_argument("--image", help="find the photos most like this photo")
     q.add_argument("--queries", help="text file of queries, one per line ('-': standard input); saves no grids")
     p.add_argument("--top_k", type=positive_int, default=9, help="how many photos to return per query")
-    p.add_argument("--json", action="store_true", help="print results as JSON (query, rank, path, score), no grid")
+    p.add_argument("--min_score", type=float, default=None, help="keep only the hits scoring at least this")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print results as JSON (query, rank, path, score), no grid")
+    out.add_argument("--paths", action="store_true",
+                     help="print only the matching photos' paths, one per line, no grid")
     add_gallery_args(p, batch_size=32, num_workers=2)
     # output
     p.add_argument("--output_dir", default="results", help="where the result grid is saved")
@@ -81,8 +90,9 @@ def read_queries(path):
 
 
 def report_index(ix, report, path):
-    changes = {k: report[k] for k in ("added", "updated", "removed") if report[k]}
+    changes = {k: report[k] for k in ("added", "updated", "removed", "reused") if report[k]}
     if changes:
+        # reused: moved, renamed or duplicate photos whose embedding was found by content, not encoded
         log(f"index {path}: {len(ix)} photos (" + ", ".join(f"{v} {k}" for k, v in changes.items()) + ")")
     failed = report["failed"]
     if failed:
@@ -143,15 +153,50 @@ def index_gallery(gallery):
     return gallery.ix, report["interrupted"]
 
 
-def print_results(labels, results, n, as_image, as_json):
-    if as_json:
+def print_results(labels, results, n, photos_only, args):
+    if args.json:
         print(json.dumps(result_rows(labels, results), ensure_ascii=False, indent=1))
         return
-    for i, (label, hits) in enumerate(zip(labels, results)):
-        what = f"like {readable(label)}" if as_image else f'for "{readable(label)}"'
+    if args.paths:  # the file names' own bytes, even those not UTF-8, so a pipe gets paths that open
+        sys.stdout.flush()
+        sys.stdout.buffer.write(b"".join(os.fsencode(p) + b"\n" for hits in results for p, _ in hits))
+        sys.stdout.flush()
+        return
+    for i, (label, hits, like) in enumerate(zip(labels, results, photos_only)):
+        what = f"like {readable(label)}" if like else f'for "{readable(label)}"'
         print(("\n" if i else "") + f"top {len(hits)} of {n} photos {what}:")
         for rank, (p, s) in enumerate(hits, 1):
             print(f"{rank:3d}  {s:.4f}  {readable(p)}")
+
+
+def photo_term(text):
+    """The photo a query term names (its path, ~ expanded), or None: the term is words. A term
+    that looks like a path but names no file is searched as words, with a note."""
+    path = os.path.expanduser(text)
+    if os.path.isfile(path):
+        return path
+    if "/" in text or text.lower().endswith(IMAGE_EXTENSIONS):
+        log(f"note: {text} is not a file; searched as words")
+    return None
+
+
+def embed(model, args, labels, image_size):
+    """The parsed queries (lists of Term), their combined embeddings (Q, D) and which hold words."""
+    def photo_emb(path):
+        try:
+            image = read_image(path, image_size)  # (3, S, S)
+        except Exception as e:
+            raise SystemExit(f"error: cannot read {'--image ' if args.image else ''}{path} ({type(e).__name__}: "
+                             f"{e}); give a JPEG, PNG, WebP, HEIC or AVIF photo.")
+        return model.encode_images(image[None])[0]
+    try:
+        if args.image:
+            queries = [[Term(1.0, args.image, args.image)]]
+        else:
+            queries = [parse_query(label, photo_term) for label in labels]
+        return queries, *embed_queries(model, queries, photo_emb)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def main(argv=None):
@@ -159,12 +204,7 @@ def main(argv=None):
     labels = read_queries(args.queries) if args.queries else [args.query or args.image]
     model = encoder.load(args.checkpoint, args.runtime, args.device)
     gallery = Gallery(args, model)
-    if args.image:  # read it before indexing, so a bad file fails at once
-        try:
-            query_img = read_image(args.image, gallery.image_size)  # (3, S, S)
-        except Exception as e:
-            raise SystemExit(f"error: cannot read --image {args.image} ({type(e).__name__}: {e}); "
-                             "give a JPEG, PNG, WebP, HEIC or AVIF photo.")
+    queries, q_emb, text = embed(model, args, labels, gallery.image_size)  # before indexing: a bad query fails at once
     ix, interrupted = index_gallery(gallery)
     shown_root = gallery.shown_root
     if interrupted:
@@ -173,24 +213,31 @@ def main(argv=None):
     if not len(ix):
         raise SystemExit(f"error: no readable photos in {shown_root} (searched recursively for "
                          f"{' '.join(IMAGE_EXTENSIONS)}).")
-
-    q_emb = encode_query(model, labels, query_img[None] if args.image else None)  # (Q, D)
     results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in hits]
-               for hits in top_hits(ix, q_emb, args.top_k, text=not args.image)]
-    print_results(labels, results, len(ix), bool(args.image), args.json)
-    if args.json or args.queries:
+               for hits in top_hits(ix, q_emb, args.top_k, text, args.min_score)]
+    print_results(labels, results, len(ix), [not t for t in text], args)
+    if args.json or args.paths or args.queries:
         return 0
+    if not results[0]:
+        log(f"no photo scores at least --min_score {args.min_score}; no grid saved")
+        return 0
+    save_results(args, results[0], queries[0])
+    return 0
+
+
+def save_results(args, hits, terms):
+    """The grid of the hits of --query or --image, headed by the query photo when it is one."""
     os.makedirs(args.output_dir, exist_ok=True)
+    query_image = terms[0].photo if len(terms) == 1 else None
     if args.image:
         base = os.path.basename(args.image)
         out, title = f"search_image_{slug(os.path.splitext(base)[0])}.png", f"photos like {base}"
     else:
         out, title = f"search_{slug(args.query)}.png", f'"{args.query}"'
     out = os.path.join(args.output_dir, out)
-    paths, hit_scores = zip(*results[0])
-    save_grid(paths, hit_scores, out, title, args.image, args.show)
+    paths, hit_scores = zip(*hits)
+    save_grid(paths, hit_scores, out, title, query_image, args.show)
     log(f"saved {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,17 +7,23 @@ The page runs over search.py's index and ranking (gallery.py), so a query gets t
 scores as `search.py --json`. The index is brought up to date in the background at start and on
 "Rescan": searches meanwhile see the photos indexed so far. The same JSON serves scripts:
 
-    GET  /api/search?q=TEXT&k=N   text query          GET /api/status   indexing progress
-    GET  /api/like?id=ROW&k=N     photos like photo   POST /api/rescan  index new and changed photos
-    POST /api/image?k=N           photos like the photo file in the request body
+    GET  /api/search?q=QUERY&k=N  a query as search.py --query takes it: words, indexed photos' paths,
+                                  combined with + and - ("a beach + 2020/dog.jpg - 2:people")
+    GET  /api/like?id=ROW&k=N     photos like photo   GET /api/status   indexing progress
+    POST /api/image?k=N[&q=TERMS] photos like the photo file in the request body [with "+ ..." "- ..." terms]
+    POST /api/rescan              index new and changed photos
+    ...&min_score=S               on a search: only the hits scoring at least S
     GET  /thumb/ROW[?size=large]  a JPEG thumbnail    GET /photo/ROW    the original file
 
-Only indexed photos (by row number, inside the folder) and the page's own files are ever served.
+Only indexed photos (by row number, inside the folder) and the page's own files are ever served;
+a photo in a query is an indexed one, by its path in the folder (its stored embedding: no file is
+read for it), or the upload.
 """
 
 import argparse
 import io
 import json
+import math
 import mimetypes
 import os
 import re
@@ -34,15 +40,18 @@ import encoder
 from cli import non_negative_int
 from gallery import (
     Gallery,
+    Term,
     add_gallery_args,
     check_gallery_args,
+    embed_queries,
     encode_query,
     log,
+    parse_query,
     readable,
     result_rows,
     top_hits,
 )
-from photos import open_rgb, read_or_blank
+from photos import IMAGE_EXTENSIONS, open_rgb, read_or_blank
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 ASSETS = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}
@@ -124,24 +133,51 @@ class Library:
             self.gallery.save(ix)
         log(f"index {self.gallery.path}: {len(ix)} photos, {len(ix.failed)} unreadable")
 
-    def search(self, label, q_emb, k, text):
+    def search(self, label, q_emb, k, text, min_score=None, ix=None):
         """The JSON answer: result_rows (as search.py --json prints them) with each photo's row
         number for /thumb and /photo, and the indexing progress."""
-        ix = self.ix
-        hits = top_hits(ix, q_emb, k, text)[0]
+        ix = self.ix if ix is None else ix
+        hits = top_hits(ix, q_emb, k, text, min_score)[0]
         rows = result_rows([label], [[(os.path.join(self.gallery.shown_root, ix.paths[r]), s) for r, s in hits]])
         for row, (r, _) in zip(rows, hits):
             row["id"] = r
         return {"results": rows, **self.status()}
 
-    def search_text(self, q, k):
-        if not q.strip():
+    def photo_of(self, ix, text):
+        """The stored embedding (D,) of the indexed photo a query term names by its path (relative
+        to the folder, or under it as results show it), or None: the term is words."""
+        if not text.lower().endswith(IMAGE_EXTENSIONS):
+            return None
+        for root in (self.gallery.shown_root, ix.root):
+            if text.startswith(root.rstrip("/") + "/"):
+                text = text[len(root.rstrip("/")) + 1:]
+                break
+        try:
+            row = ix.paths.index(text)
+        except ValueError:
+            return None
+        return ix.emb[row].astype("float32")
+
+    def search_terms(self, q, k, min_score, upload=None):
+        """Search a combined query (gallery.parse_query), with the uploaded photo's embedding (D,)
+        as its first term if given."""
+        if not q.strip() and upload is None:
             raise BadRequest(400, "empty query: type some words")
         if len(q) > MAX_QUERY_CHARS:
             raise BadRequest(400, f"query too long: {len(q)} characters, at most {MAX_QUERY_CHARS}")
-        with self.model_lock:
-            q_emb = encode_query(self.model, texts=[q])
-        return self.search(q, q_emb, k, text=True)
+        ix = self.ix
+        try:
+            terms = parse_query(q, lambda text: self.photo_of(ix, text)) if q.strip() else []
+            terms = ([Term(1.0, "upload", upload)] if upload is not None else []) + terms
+            with self.model_lock:
+                q_emb, text = embed_queries(self.model, [terms], lambda emb: emb)
+        except ValueError as e:
+            raise BadRequest(400, str(e))
+        label = "upload " + q.strip() if upload is not None else q
+        return self.search(label.strip(), q_emb, k, text, min_score, ix)
+
+    def search_text(self, q, k, min_score=None):
+        return self.search_terms(q, k, min_score)
 
     def search_like(self, row, k):
         ix = self.ix
@@ -149,15 +185,15 @@ class Library:
             raise BadRequest(404, f"no photo {row} in the index")
         return self.search(f"#{row}", ix.emb[row:row + 1].astype("float32"), k, text=False)
 
-    def search_image(self, data, k):
+    def search_image(self, data, k, q="", min_score=None):
         # Decoded exactly as indexing decodes a file, reported rather than raised on one it cannot
         # read: a bomb (over Pillow's MAX_IMAGE_PIXELS), a text file, ...
         image, err = read_or_blank(io.BytesIO(data), self.gallery.image_size)
         if err:
             raise BadRequest(413 if "DecompressionBomb" in err else 400, f"not a readable photo ({err})")
         with self.model_lock:
-            q_emb = encode_query(self.model, images=image[None])
-        return self.search("upload", q_emb, k, text=False)
+            upload = encode_query(self.model, images=image[None])[0]
+        return self.search_terms(q, k, min_score, upload)
 
     def photo_path(self, row):
         """The real path of an indexed photo, or None: rows outside the index, and links that lead
@@ -197,6 +233,20 @@ def top_k(params):
     if not 1 <= k <= MAX_K:
         raise BadRequest(400, f"k must be between 1 and {MAX_K}")
     return k
+
+
+def min_score(params):
+    """The min_score parameter (None: keep every hit)."""
+    text = params.get("min_score", [""])[0]
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise BadRequest(400, "min_score must be a number")
+    return value
 
 
 def row_number(text):
@@ -324,7 +374,7 @@ class Handler(BaseHTTPRequestHandler):
             with open(os.path.join(WEB, name), "rb") as f:
                 return self.send(200, f.read(), mimetypes.guess_type(name)[0] + "; charset=utf-8")
         if url.path == "/api/search":
-            return self.send_json(200, lib.search_text(params.get("q", [""])[0], top_k(params)))
+            return self.send_json(200, lib.search_text(params.get("q", [""])[0], top_k(params), min_score(params)))
         if url.path == "/api/like":
             return self.send_json(200, lib.search_like(row_number(params.get("id", [""])[0]), top_k(params)))
         if url.path == "/api/status":
@@ -352,7 +402,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(202 if started else 200, {"started": started, **self.library.status()})
         if url.path != "/api/image":
             raise BadRequest(404, "not found")
-        k = top_k(parse_qs(url.query))
+        params = parse_qs(url.query)
+        k = top_k(params)
         try:
             n = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -369,7 +420,7 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(408, f"upload stalled: nothing came for {self.timeout:g} s")
         if len(data) < n:  # the client closed its side early: a cut-off file is not the photo
             raise BadRequest(400, f"incomplete upload: {len(data)} of {n} bytes")
-        self.send_json(200, self.library.search_image(data, k))
+        self.send_json(200, self.library.search_image(data, k, params.get("q", [""])[0], min_score(params)))
 
 
 def make_server(args):

@@ -1,7 +1,8 @@
 """Time cold `python search.py --query ...` calls: process start, imports, model load, the cached
-index, one query and the saved grid; everything a user waits for at the shell (target: 5 s).
+index, one query and the saved grid (or the JSON); everything a user waits for at the shell.
 
-    python benchmarks/cold_search.py --checkpoint models/offline/best.pt
+    python benchmarks/cold_search.py --checkpoint models/fast/best.pt -- --runtime onnx --json
+    python benchmarks/cold_search.py --checkpoint models/fast/best.pt -- --runtime torch
     python benchmarks/cold_search.py --checkpoint M/best.pt --runs 7 -- --images_dir ~/Pictures
 
 One untimed call first builds or refreshes the index, so the timed calls measure a cached index.

@@ -190,9 +190,35 @@ def test_index_is_incremental(photos, ckpts, encoded, tmp_path):
     assert back.emb.dtype == np.float16 and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
+def test_moved_renamed_and_duplicate_photos_are_not_encoded_again(photos, ckpts, encoded, tmp_path, capsys):
+    argv = ("--checkpoint", ckpts[0], "--images_dir", photos, "--query", "x", "--index_dir", tmp_path, "--json")
+    run(capsys, *argv)
+    first = GalleryIndex.load(next(tmp_path.glob("index_*.npz")))
+    os.rename(photos / "a.jpg", photos / "sub" / "moved.jpg")  # moved and renamed
+    shutil.copy(photos / "b.png", photos / "b copy.png")  # a copy of an indexed photo
+    photo(photos / "new.jpg", 30, size=(400, 300))  # larger than the fingerprint's two ends
+    shutil.copy(photos / "new.jpg", photos / "new again.jpg")  # a new photo, twice
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0 and encoded == [4, 1]  # only the new photo, once
+    assert "(4 added, 1 removed, 3 reused)" in err
+    ix = GalleryIndex.load(next(tmp_path.glob("index_*.npz")))
+    row = {p: e for p, e in zip(ix.paths, ix.emb)}
+    assert np.array_equal(row["sub/moved.jpg"], first.emb[first.paths.index("a.jpg")])
+    assert np.array_equal(row["b copy.png"], row["b.png"]) and np.array_equal(row["new again.jpg"], row["new.jpg"])
+    enc = encoder.TorchEncoder(ckpts[0], "cpu")
+    for p, e in row.items():  # each its own photo's embedding
+        want = enc.encode_images(read_image(photos / p, 32).numpy()[None])[0]
+        assert np.abs(e.astype(np.float32) - want).max() < 2e-3, p
+    photo(photos / "new again.jpg", 31, size=(400, 300))  # the same size, other content: encoded
+    os.utime(photos / "new again.jpg", ns=(1, 2))
+    run(capsys, *argv)
+    assert encoded == [4, 1, 1]
+
+
 def test_damaged_or_foreign_index_files_are_not_read(tmp_path):
     ix = GalleryIndex("fp", "/photos", 8)
     ix.emb, ix.paths, ix.stats = np.ones((2, 8), np.float16), ["a.jpg", "b.jpg"], np.zeros((2, 2), np.int64)
+    ix.fps = np.zeros((2, 16), np.uint8)
     ix.save(tmp_path / "ix.npz")
     good = (tmp_path / "ix.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(good[: len(good) // 2])

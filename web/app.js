@@ -1,5 +1,6 @@
 "use strict";
-// The page's state is its URL: ?q=words or ?like=ROW, so a search can be shared and bookmarked.
+// The page's state is its URL: ?q=QUERY (words, indexed photos' paths, + and -) or ?like=ROW, and
+// &min_score=S, so a search can be shared and bookmarked.
 const $ = (id) => document.getElementById(id);
 let polling = false;
 
@@ -48,13 +49,21 @@ function show(data, title) {
   progress(data);
 }
 
+// The search parameters the API takes from the page's URL: q or id, and min_score.
+function apiQuery(params, name) {
+  const api = new URLSearchParams({ [name]: params.get(name === "id" ? "like" : name) });
+  if (params.get("min_score")) api.set("min_score", params.get("min_score"));
+  return api;
+}
+
 async function run(params) {
+  $("min_score").value = params.get("min_score") || "";
   try {
     if (params.get("q")) {
       $("q").value = params.get("q");
-      show(await getJSON(`/api/search?q=${encodeURIComponent(params.get("q"))}`), `"${params.get("q")}"`);
+      show(await getJSON(`/api/search?${apiQuery(params, "q")}`), `"${params.get("q")}"`);
     } else if (params.get("like")) {
-      show(await getJSON(`/api/like?id=${encodeURIComponent(params.get("like"))}`), `Photos like #${params.get("like")}`);
+      show(await getJSON(`/api/like?${apiQuery(params, "id")}`), `Photos like #${params.get("like")}`);
     } else {
       progress(await getJSON("/api/status"));
     }
@@ -64,6 +73,7 @@ async function run(params) {
 }
 
 function go(params) {
+  if ($("min_score").value) params.min_score = $("min_score").value;
   history.pushState(null, "", "?" + new URLSearchParams(params));
   $("viewer").close();
   run(new URLSearchParams(params));
@@ -77,11 +87,16 @@ function view(hit) {
   $("viewer").showModal();
 }
 
+// A dropped photo is searched alone or, when the box holds terms that begin with + or -
+// ("- people"), combined with them.
 async function searchFile(file) {
   if (!file) return;
   history.pushState(null, "", location.pathname);
+  const terms = /^[+-]\s/.test($("q").value.trim()) ? $("q").value.trim() : "";
+  const api = new URLSearchParams({ q: terms });
+  if ($("min_score").value) api.set("min_score", $("min_score").value);
   try {
-    show(await getJSON("/api/image", { method: "POST", body: file }), `Photos like ${file.name}`);
+    show(await getJSON(`/api/image?${api}`, { method: "POST", body: file }), `Photos like ${file.name} ${terms}`);
   } catch (e) {
     say(`${file.name}: ${e.message}`, true);
   }
