@@ -33,6 +33,8 @@ def get_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="trained checkpoint with an export (export.py)")
     p.add_argument("--data_dir", default="data/flickr8k", help="prepared Flickr8K (preprocess_flickr8k.py)")
     p.add_argument("--split", default="val", help="split whose photos and captions are measured")
+    p.add_argument("--photos", type=int, default=0,
+                   help="measure on the split's first N photos and their captions (0: all)")
     p.add_argument("--index_photos", type=int, default=512, help="photo files indexed per runtime, for images/s")
     p.add_argument("--batch_size", type=int, default=32, help="photos per encoding batch, as search.py's default")
     p.add_argument("--num_workers", type=int, default=2, help="decoding threads, as search.py's default")
@@ -85,9 +87,13 @@ def main(argv=None):
     encs = variants(args.checkpoint)
     ref = encs["onnx fp32"]
     split = EvalSplit(args.data_dir, args.split, ref.image_size)
+    if args.photos:  # the first N photos, and the captions of those photos
+        keep = split.caption_image < args.photos
+        split.images, split.caption_image = split.images[:args.photos], split.caption_image[keep]
+        split.captions = [c for c, k in zip(split.captions, keep.tolist()) if k]
     paths = [os.path.join(args.data_dir, "images", name) for name in split.images]
     images = np.stack([read_image(p, ref.image_size) for p in paths])  # (N, 3, S, S) uint8
-    bank = ref.caption_bank(None, None, None)
+    bank = ref.caption_bank(None, None, None) if ref.meta["querybank"] else np.zeros((1, ref.dim), np.float32)
     out = {"checkpoint": args.checkpoint, "split": args.split, "photos": len(paths), "captions": len(split.captions),
            "cpu_native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "variants": {}}
