@@ -120,8 +120,16 @@ def test_mean_pooling_ignores_padding(tiny_data):
     assert torch.allclose(a, b, atol=1e-4)
 
 
-def test_pick_device_cpu():
-    assert device.pick_device("cpu") == torch.device("cpu")  # the precision policy: test_precision.py
+@pytest.mark.parametrize("cuda, mps, want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, want):
+    # The precision policy: test_precision.py.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 * cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert device.pick_device("auto") == torch.device(want)
+    assert device.pick_device("cpu") == torch.device("cpu")
+    # Under torchrun each process takes its own GPU.
+    assert device.pick_device("auto", local_rank=1) == (torch.device("cuda", 1) if cuda else torch.device(want))
 
 
 def test_missing_pretrained_weights_give_a_clear_error(monkeypatch, capsys):

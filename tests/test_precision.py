@@ -28,8 +28,16 @@ def test_accelerators_and_no_amp(monkeypatch):
     assert "text tower fp32 (--no_amp)" in device.precision_summary(CPU, enabled=False)
 
 
-def test_probe_answers_a_bool():
-    assert device.cpu_has_native_bf16() in (True, False)
+def test_probe_is_onednns_and_false_without_it(monkeypatch):
+    assert device.cpu_has_native_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    for answer, native in ((1, True), (0, False)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda answer=answer: answer)
+        assert device.cpu_has_native_bf16() is native
+
+    def missing():
+        raise RuntimeError("no oneDNN in this build")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing)
+    assert device.cpu_has_native_bf16() is False
 
 
 def test_text_tower_runs_in_the_chosen_dtype(monkeypatch):

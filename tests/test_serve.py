@@ -169,22 +169,36 @@ def test_indexing_in_steps_while_searching(tiny_data, tmp_path, monkeypatch):
         for i in range(5):
             photo(photos / f"new{i}.jpg", i + 1)
         sizes, real = [], library.gallery.update
-        monkeypatch.setattr(library.gallery, "update", lambda ix, files: sizes.append(len(files)) or real(ix, files))
+        # The indexing waits, its first step published, until the clients are done.
+        published, searched = threading.Event(), threading.Event()
+
+        def update(ix, files):
+            if sizes:
+                published.set()
+                assert searched.wait(60)
+            sizes.append(len(files))
+            return real(ix, files)
+        monkeypatch.setattr(library.gallery, "update", update)
         assert get_json(server, "/api/rescan", "POST", status=202)["started"] is True
-        errors = []
+        errors, seen = [], []
 
         def client():
             for _ in range(5):
                 code, _, data = request(server, "GET", "/api/search?q=a%20photo&k=3")
-                if code != 200 or not json.loads(data)["results"]:
+                answer = json.loads(data)
+                if code != 200 or not answer["results"]:
                     errors.append((code, data))
+                seen.append((answer.get("indexed"), answer.get("indexing")))
+        assert published.wait(60)
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        searched.set()
         library.indexing.join()
         assert errors == [] and sizes == [3, 5, 6]  # published after every 2 new photos
+        assert seen == [(3, True)] * 20  # every search answered from the growing index
         status = get_json(server, "/api/status")
         assert (status["indexed"], status["total"], status["indexing"]) == (6, 6, False)
         assert get_json(server, "/api/rescan", "POST", status=202)["started"] is True  # nothing new: quick
