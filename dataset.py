@@ -251,8 +251,9 @@ class EvalSplit:
 class Collate:
     """Stack images and tokenize a batch of captions, padded to the batch's longest caption.
 
-    Returns images (B, 3, S, S) uint8, input_ids and attention_mask (B, L), image_ids (B,) and
-    same_image (B, B) bool, True where two captions of the batch describe the same photo.
+    Returns images (B, 3, S, S) uint8 (None for a PairDataset without images), input_ids and
+    attention_mask (B, L), and image_ids (B,), from which train.batch_loss builds the same-photo mask
+    (of the global batch, under torchrun).
     """
 
     def __init__(self, tokenizer, max_length=64):
@@ -262,13 +263,11 @@ class Collate:
     def __call__(self, batch):
         images, captions, image_ids = zip(*batch)
         tokens = tokenize(self.tokenizer, list(captions), self.max_length)
-        image_ids = torch.tensor(image_ids)
         return {
             "images": torch.stack(images) if images[0] is not None else None,
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
-            "image_ids": image_ids,
-            "same_image": image_ids[:, None] == image_ids[None, :],
+            "image_ids": torch.tensor(image_ids),
         }
 
 

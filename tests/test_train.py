@@ -1,8 +1,11 @@
 """End-to-end on the tiny dataset: train -> evaluate -> search, resume, interruption."""
 
+import csv
 import json
+import math
 import os
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -15,7 +18,9 @@ import retrieval
 import search
 import train
 from checkpoint import load_model
+from dataset import PairDataset, read_image
 from model import DualEncoder
+from schedule import epoch_order
 
 
 def weights(path):
@@ -51,17 +56,14 @@ def test_train_evaluate_search_beats_chance(trained, tmp_path, capsys):
                           "--output_json", str(out), "--num_workers", "0", "--device", "cpu"]) == 0
     m = json.loads(out.read_text())
     assert m["n_images"] == 8 and m["n_queries"] == 40
-    # Chance on 8 photos: R@1 12.5 %, mean rank 4.5.
-    assert m["t2i"]["R@1"] >= 25.0 and m["t2i"]["mean_rank"] < 3.0
+    # Chance on 8 photos: R@1 12.5 %, mean rank 4.5. The level this run reaches, measured over seeds 42 and
+    # 1-11 (2-core AMD EPYC, December 2026): best.pt's text->image R@1 50 and mean rank 1.5 for 9 seeds,
+    # 50 and 1.625 for seed 42 (this run), 37.5 and 2.0 (seed 6) and 25 and 3.0 (seed 3: stuck); after 3 of
+    # the 12 epochs, R@1 25-35 and mean rank 2.475-3.0 for every seed, after 6, mean rank 1.475-3.0.
+    assert m["t2i"]["R@1"] >= 40.0 and m["t2i"]["mean_rank"] <= 1.8
     assert set(m["t2i"]) == {"R@1", "R@5", "R@10", "mean_rank", "median_rank"}
     assert m["querybank"] is False
 
-    # Querybank normalisation against the train split: recorded, and still far above chance.
-    assert evaluate.main(["--checkpoint", str(trained / "best.pt"), "--split", "test", "--querybank",
-                          "--output_json", str(out), "--num_workers", "0", "--device", "cpu"]) == 0
-    qb = json.loads(out.read_text())
-    assert qb["querybank"] is True and qb["n_queries"] == 40
-    assert qb["t2i"]["R@1"] >= 25.0 and qb["t2i"]["mean_rank"] < 3.0
 
     capsys.readouterr()
     assert search.main(["--checkpoint", str(trained / "best.pt"), "--query", "a red circle", "--top_k", "4",
@@ -70,6 +72,70 @@ def test_train_evaluate_search_beats_chance(trained, tmp_path, capsys):
     hits = [ln.split()[-1] for ln in lines]
     assert any("red" in os.path.basename(h) for h in hits), hits
     assert (tmp_path / "search_a_red_circle.png").stat().st_size > 10_000
+
+
+def brute_force_querybank(checkpoint, split, size, flip):
+    """evaluate.py --querybank's figures worked out here: embeddings of the split's and the train split's
+    photos (at `size` pixels, with `flip`) and captions, each photo's bias the log of a sum over the train
+    captions of exp(scale x similarity), over scale (each caption's, over the train photos), and every rank
+    counted."""
+    m, tok, ck = load_model(checkpoint, torch.device("cpu"))
+    data = ck["args"]["data_dir"]
+    with open(os.path.join(data, "captions.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def embed(split):
+        rs = [r for r in rows if r["split"] == split]
+        photos = sorted({r["image"] for r in rs})
+        with torch.no_grad():
+            img = m.encode_images(torch.stack([read_image(os.path.join(data, "images", p), size) for p in photos]),
+                                  flip)
+            t = tok([r["caption"] for r in rs], padding="longest", return_tensors="pt")
+            txt = m.encode_texts(t["input_ids"], t["attention_mask"])
+        return img.double(), txt.double(), [photos.index(r["image"]) for r in rs]
+    img, txt, caption_image = embed(split)
+    bank_img, bank_txt, _ = embed("train")
+    scale = m.logit_scale.exp().item()
+    img_bias = [math.log(sum(math.exp(scale * float(b @ x)) for b in bank_txt)) / scale for x in img]
+    txt_bias = [math.log(sum(math.exp(scale * float(b @ q)) for b in bank_img)) / scale for q in txt]
+    sims = (txt @ img.T).tolist()  # (Q, N)
+    t2i = []
+    for q, target in enumerate(caption_image):
+        score = [sims[q][j] - img_bias[j] for j in range(len(img))]
+        t2i.append(1 + sum(score[j] >= score[target] for j in range(len(img)) if j != target))
+    i2t = []
+    for i in range(len(img)):
+        score = [sims[q][i] - txt_bias[q] for q in range(len(txt))]
+        own = [q for q, j in enumerate(caption_image) if j == i]
+        i2t.append(min(1 + sum(score[q2] >= score[q] for q2 in range(len(txt)) if q2 not in own) for q in own))
+
+    def summary(ranks):  # the median of an even count: the lower middle one, as torch.median gives it
+        return {**{f"R@{k}": 100 * sum(r <= k for r in ranks) / len(ranks) for k in (1, 5, 10)},
+                "mean_rank": sum(ranks) / len(ranks), "median_rank": statistics.median_low(ranks)}
+    return {"t2i": summary(t2i), "i2t": summary(i2t)}
+
+
+def test_evaluate_querybank_figures_are_those_of_querybank_normalised_scores(trained, tmp_path):
+    # The recipes' inference options (72 pixels, each photo averaged with its mirror image), and fp32 (as
+    # --no_amp trains), so the embeddings here and evaluate.py's agree to 1e-6.
+    ck = torch.load(trained / "best.pt", weights_only=True)
+    ck["args"].update(eval_image_size=72, eval_flip=True, amp=False)
+    (tmp_path / "m").mkdir()
+    torch.save(ck, tmp_path / "m" / "best.pt")
+    shutil.copytree(trained / "tokenizer", tmp_path / "m" / "tokenizer")
+    out = tmp_path / "test.json"
+
+    def evaluated(flag):
+        assert evaluate.main(["--checkpoint", str(tmp_path / "m" / "best.pt"), "--split", "test", flag,
+                              "--output_json", str(out), "--num_workers", "0", "--device", "cpu"]) == 0
+        return json.loads(out.read_text())
+    qb, plain = evaluated("--querybank"), evaluated("--no_querybank")
+    assert (qb["querybank"], plain["querybank"]) == (True, False)
+    want = brute_force_querybank(tmp_path / "m" / "best.pt", "test", 72, True)
+    for d in ("t2i", "i2t"):
+        assert qb[d] == pytest.approx(want[d], abs=1e-9), d
+    assert qb["rsum"] == pytest.approx(sum(want[d][f"R@{k}"] for d in ("t2i", "i2t") for k in (1, 5, 10)))
+    assert {d: plain[d] for d in ("t2i", "i2t")} != want  # the normalisation changes the figures here
 
 
 def test_evaluate_overrides_the_inference_options_of_the_checkpoint(trained, tmp_path, monkeypatch):
@@ -210,21 +276,27 @@ def test_resume_keeps_the_model_and_inference_options_of_the_run(tiny_data, tmp_
 
 
 def test_ctrl_c_mid_epoch_saves_position_and_resume_finishes(tiny_data, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = train.info_nce
+    trained = []  # the photos of each batch trained
+    real = train.batch_loss
 
-    def interrupt_on_fourth(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
+    def interrupt_on_fourth(net, batch, *a, **k):
+        if len(trained) == 3:
             raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(train, "info_nce", interrupt_on_fourth)
+        trained.append(batch["image_ids"].tolist())
+        return real(net, batch, *a, **k)
+    monkeypatch.setattr(train, "batch_loss", interrupt_on_fourth)
     assert train.main(train_argv(tiny_data, tmp_path, "--epochs", "1")) == 130
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
     assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (0, 3, 3)
+    monkeypatch.setattr(train, "batch_loss", lambda net, batch, *a, **k: trained.append(
+        batch["image_ids"].tolist()) or real(net, batch, *a, **k))
     assert train.main(train_argv(tiny_data, tmp_path, "--epochs", "1", "--resume")) == 0
     ck = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert (ck["epoch"], ck["step"]) == (1, 15)  # 240 pairs / 16 per batch, none trained twice
+    assert (ck["epoch"], ck["step"]) == (1, 15)  # 240 pairs / 16 per batch
+    # Every batch of the epoch's order once, in order: none trained twice, none skipped.
+    ids = PairDataset(tiny_data, "train", 64).image_ids
+    order = epoch_order(ids, 42, 0)
+    assert trained == [[ids[i] for i in order[b * 16:(b + 1) * 16]] for b in range(15)]
 
 
 def test_validate_from_skips_early_epochs_and_picks_best_among_the_rest(tiny_data, tmp_path, monkeypatch):
