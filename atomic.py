@@ -38,3 +38,28 @@ def atomic_write(path, mode="w", **open_kwargs):
     closed (flushed) before the rename."""
     with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
         yield f
+
+
+def read_keyed(path, key):
+    """The arrays a write_keyed(path, key, ...) stored, as a dict, or None when the file is missing,
+    damaged or was written under another key."""
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as data:  # arrays only: a file cannot run code
+            if str(data["key"]) == key:
+                return {name: data[name] for name in data.files if name != "key"}
+    except Exception:
+        pass
+    return None
+
+
+def write_keyed(path, key, **arrays):
+    """Keep arrays in a .npz file under `key`, atomically; a folder that cannot be written is
+    no error (the caller computes them again next time)."""
+    import numpy as np
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
+            np.savez(f, key=np.array(key), **arrays)
+    except OSError:
+        pass

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from atomic import atomic_path
+from atomic import read_keyed, write_keyed
 
 EXPORT_VERSION = 1
 MAX_LENGTH = 64  # tokens per caption, as dataset.tokenize truncates in training
@@ -231,19 +231,11 @@ class TorchEncoder:
         in `cache` (float16, 30 MB for Flickr8K's 30,000 captions) under `key`: photos added later
         need no second encoding of the bank (a minute or two on a CPU)."""
         from retrieval import caption_bank
-        try:
-            with np.load(cache, allow_pickle=False) as data:
-                if str(data["key"]) == key:
-                    return data["bank"].astype(np.float32)
-        except Exception:
-            pass  # missing, damaged or another model's: encode it
+        kept = read_keyed(cache, key)
+        if kept is not None:
+            return kept["bank"].astype(np.float32)
         bank = caption_bank(self.model, self.tokenizer, data_dir, self.device).half().numpy()
-        try:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-                np.savez(f, key=np.array(key), bank=bank)
-        except OSError:
-            pass  # a read-only folder: encode again next time
+        write_keyed(cache, key, bank=bank)
         return bank.astype(np.float32)  # the same float16-rounded bank whether just encoded or read back
 
 
@@ -287,14 +279,18 @@ def write_export(checkpoint, int8=False, data_dir=None):
 
     from checkpoint import eval_image_size, load_model
     from retrieval import caption_bank
+    model, tokenizer, ckpt = load_model(checkpoint, torch.device("cpu"))  # a clear error for a bad file
     st, sha = os.stat(checkpoint), file_sha256(checkpoint)
-    model, tokenizer, ckpt = load_model(checkpoint, torch.device("cpu"))
     model.amp = False  # fp32 graphs, and the fp32 embeddings they must match
     args = ckpt["args"]
     folder = export_dir(checkpoint)
     tmp = f"{folder}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the export beside {checkpoint} ({e.strerror}); copy the checkpoint "
+                         "(and its tokenizer folder) to a folder you can write and export it there.")
     try:
         size = eval_image_size(args)
         _export_graphs(model, tokenizer, tmp, size)

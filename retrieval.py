@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import index
-from atomic import atomic_path
+from atomic import read_keyed, write_keyed
 from dataset import EvalSplit, read_captions, tokenize
 
 KS = (1, 5, 10)
@@ -123,40 +123,19 @@ def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_
     txt_emb = encode_texts(model, tokenizer, data.captions, device)
     img_bias = txt_bias = None
     if querybank:
-        banks = _read_banks(bank_cache)
-        if banks is None:
-            banks = caption_bank(model, tokenizer, data_dir, device), encode_image_dataset(
-                model, EvalSplit(data_dir, "train", image_size).image_dataset, device, batch_size, num_workers,
-                desc="encoding the photo bank", flip=flip)
-            _write_banks(bank_cache, banks)
-        bank_txt, bank_img = banks
+        kept = read_keyed(*bank_cache) if bank_cache else None
+        if kept is not None:
+            bank_txt, bank_img = torch.from_numpy(kept["captions"]), torch.from_numpy(kept["photos"])
+        else:
+            bank_txt = caption_bank(model, tokenizer, data_dir, device)
+            bank_img = encode_image_dataset(model, EvalSplit(data_dir, "train", image_size).image_dataset, device,
+                                            batch_size, num_workers, desc="encoding the photo bank", flip=flip)
+            if bank_cache:  # float32: a call that reads them gives the very figures of the first
+                write_keyed(*bank_cache, captions=bank_txt.numpy(), photos=bank_img.numpy())
         scale = model.logit_scale.exp().item()
         img_bias, txt_bias = querybank_bias(img_emb, bank_txt, scale), querybank_bias(txt_emb, bank_img, scale)
     model.train(was_training)
     return recall_metrics(img_emb, txt_emb, data.caption_image, img_bias, txt_bias)
-
-
-def _read_banks(cache):
-    """The (captions, photos) banks kept at cache = (path, key), or None."""
-    if cache is None:
-        return None
-    try:
-        with np.load(cache[0], allow_pickle=False) as data:
-            if str(data["key"]) == cache[1]:
-                return torch.from_numpy(data["captions"]), torch.from_numpy(data["photos"])
-    except Exception:  # missing, damaged or of another checkpoint: encoded again
-        return None
-
-
-def _write_banks(cache, banks):
-    """Keep the banks in float32, so that a cached call gives the very figures of the first."""
-    if cache is None:
-        return
-    try:
-        with atomic_path(cache[0]) as tmp, open(tmp, "wb") as f:
-            np.savez(f, key=np.array(cache[1]), captions=banks[0].numpy(), photos=banks[1].numpy())
-    except OSError:
-        pass  # a read-only folder: encode again next time
 
 
 def format_metrics(metrics):
