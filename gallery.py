@@ -210,13 +210,6 @@ def embed_queries(encoder, queries, photo_emb):
     return np.stack(out).astype(np.float32), [any(t.photo is None for t in terms) for terms in queries]
 
 
-def encode_query(encoder, texts=None, images=None):
-    """(Q, D) float32 embeddings of text queries, or of photo queries (Q, 3, S, S) uint8."""
-    if images is not None:
-        return encoder.encode_images(images)
-    return encoder.encode_texts(texts)
-
-
 def top_hits(ix, q_emb, k, text, min_score=None):
     """[(row, score), ...] best first, per query, at least min_score if given. text: per query (or
     one for all), whether it holds words. The querybank bias corrects queries with words only: it

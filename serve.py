@@ -44,7 +44,6 @@ from gallery import (
     add_gallery_args,
     check_gallery_args,
     embed_queries,
-    encode_query,
     log,
     parse_query,
     readable,
@@ -192,7 +191,7 @@ class Library:
         if err:
             raise BadRequest(413 if "DecompressionBomb" in err else 400, f"not a readable photo ({err})")
         with self.model_lock:
-            upload = encode_query(self.model, images=image[None])[0]
+            upload = self.model.encode_images(image[None])[0]
         return self.search_terms(q, k, min_score, upload)
 
     def photo_path(self, row):
