@@ -7,6 +7,7 @@ A type below turns "--batch_size 0" into argparse's usual message and exit statu
 """
 
 import argparse
+import datetime
 import math
 
 
@@ -41,3 +42,11 @@ non_negative_int = int_at_least(0)
 # math.inf and nan (every comparison with nan is False) are refused too.
 positive_float = _number(float, lambda v: 0 < v < math.inf, "a positive number", "float")
 non_negative_float = _number(float, lambda v: 0 <= v < math.inf, "a non-negative number", "float")
+
+
+def iso_date(text):
+    """An argparse type: a calendar date written YYYY-MM-DD."""
+    try:
+        return datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a date written YYYY-MM-DD, not {text}")

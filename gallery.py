@@ -5,6 +5,7 @@ a result. What search.py and serve.py share. Example:
     python -c "import gallery; print(gallery.slug('a dog running through snow'))"
 """
 
+import calendar
 import csv
 import hashlib
 import os
@@ -210,19 +211,33 @@ def embed_queries(encoder, queries, photo_emb):
     return np.stack(out).astype(np.float32), [any(t.photo is None for t in terms) for terms in queries]
 
 
-def top_hits(ix, q_emb, k, text, min_score=None):
-    """[(row, score), ...] best first, per query, at least min_score if given. text: per query (or
-    one for all), whether it holds words. The querybank bias corrects queries with words only: it
-    measures how close a photo is to captions, the hubs that words' scores favour; a photo query
-    meets no such hubs. A combined query with any words gets it (its words pull it towards the
-    captions); one of photos alone ranks as --image does."""
+def taken_between(ix, after=None, before=None):
+    """(N,) bool: which photos of the index were taken on or after the date `after` and before the
+    date `before` (datetime.date, either may be None), by photos.taken_at; None when neither is given."""
+    if after is None and before is None:
+        return None
+    taken, allowed = ix.dates(), np.ones(len(ix), bool)
+    if after is not None:
+        allowed &= taken >= calendar.timegm(after.timetuple())
+    if before is not None:
+        allowed &= taken < calendar.timegm(before.timetuple())
+    return allowed
+
+
+def top_hits(ix, q_emb, k, text, min_score=None, allowed=None):
+    """[(row, score), ...] best first, per query, at least min_score if given, among the rows
+    `allowed` (taken_between) if given. text: per query (or one for all), whether it holds words.
+    The querybank bias corrects queries with words only: it measures how close a photo is to
+    captions, the hubs that words' scores favour; a photo query meets no such hubs. A combined
+    query with any words gets it (its words pull it towards the captions); one of photos alone
+    ranks as --image does."""
     text = [text] * len(q_emb) if isinstance(text, bool) else list(text)
     hits = [None] * len(q_emb)
     for flag in (True, False):
         qs = [i for i, t in enumerate(text) if t == flag]
         if not qs:
             continue
-        scores, rows = ix.top_k(np.asarray(q_emb)[qs], k, bias=ix.bias if flag else None)  # (Q', k) each
+        scores, rows = ix.top_k(np.asarray(q_emb)[qs], k, bias=ix.bias if flag else None, allowed=allowed)
         for i, rr, ss in zip(qs, rows.tolist(), scores.tolist()):
             hits[i] = [(r, s) for r, s in zip(rr, ss) if min_score is None or s >= min_score]
     return hits

@@ -22,9 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from atomic import atomic_path
-from photos import IMAGE_EXTENSIONS, read_or_blank
+from photos import IMAGE_EXTENSIONS, read_or_blank, taken_at
 
-INDEX_VERSION = 4  # 3: NumPy arrays in a .npz file, tied to the checkpoint file; 4: content fingerprints
+INDEX_VERSION = 5  # 3: NumPy arrays in a .npz file, tied to the checkpoint file; 4: content fingerprints;
+# 5: when each photo was taken (a version 4 index is read, and its photos' dates added at its next update)
 FINGERPRINT_BYTES = 64 << 10  # read from each end of a new or changed file to recognise a moved or copied photo
 NO_FINGERPRINT = bytes(16)  # of a file that could not be read: matches nothing
 CHUNK_ROWS = 16384  # 32 MB of float32 at D=512 per chunk: few enough chunks, small enough to stay in cache
@@ -130,6 +131,7 @@ class GalleryIndex:
         self.paths = []  # (N,) relative, '/'-separated
         self.stats = np.empty((0, 2), np.int64)  # (N, 2): size, mtime_ns
         self.fps = np.empty((0, 16), np.uint8)  # (N, 16): content_fingerprint of each photo
+        self.taken = np.empty(0, np.int64)  # (N,): photos.taken_at, for --after / --before; None: not read yet
         # Embeddings of photos dropped from the index, {fingerprint: (D,)}, in memory only: a photo
         # moved to a path that a later update (serve.py's steps) adds is not encoded again.
         self.spare = {}
@@ -146,10 +148,11 @@ class GalleryIndex:
         try:
             with np.load(path, allow_pickle=False) as data:  # arrays only: a file cannot run code
                 meta = json.loads(data["meta"].tobytes())
-                if meta.get("version") != INDEX_VERSION:
+                if meta.get("version") not in (4, INDEX_VERSION):
                     return None
                 ix = cls(meta["fingerprint"], meta["root"], data["embeddings"].shape[1], meta["checkpoint"])
                 ix.emb, ix.stats, ix.fps = data["embeddings"], data["stats"], data["fingerprints"]
+                ix.taken = data["taken"] if "taken" in data else None
                 ix.bias = data["bias"] if "bias" in data else None
                 # One NUL-joined string, not a list: a million small strings would be slow to store.
                 text = data["paths"].tobytes().decode("utf-8", "surrogateescape")
@@ -157,7 +160,7 @@ class GalleryIndex:
             return None  # missing, damaged or foreign: rebuilt either way
         ix.failed, ix.bank_key, ix.paths = meta["failed"], meta["bank_key"], text.split("\0") if text else []
         if not (len(ix.paths) == len(ix.emb) == len(ix.stats) == len(ix.fps)
-                and (ix.bias is None or len(ix.bias) == len(ix.emb))):
+                and all(a is None or len(a) == len(ix.emb) for a in (ix.bias, ix.taken))):
             return None
         return ix
 
@@ -188,7 +191,7 @@ class GalleryIndex:
         meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "root": self.root,
                 "checkpoint": self.checkpoint, "failed": self.failed, "bank_key": self.bank_key}
         arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), "embeddings": self.emb,
-                  "stats": self.stats, "fingerprints": self.fps,
+                  "stats": self.stats, "fingerprints": self.fps, "taken": self.dates(),
                   "paths": np.frombuffer("\0".join(self.paths).encode("utf-8", "surrogateescape"), np.uint8)}
         if self.bias is not None:
             arrays["bias"] = self.bias
@@ -214,10 +217,12 @@ class GalleryIndex:
         seen = set(self.paths)
         removed = sum(p not in files for p in self.paths)
         held = self._held(keep) if todo else {}
+        undated = self.taken is None
+        self.taken = self.dates()
         if len(keep) < len(self.paths):
             self.emb, self.stats, self.fps = self.emb[keep], self.stats[keep], self.fps[keep]
             self.bias = None if self.bias is None else self.bias[keep]
-            self.paths = [self.paths[i] for i in keep]
+            self.taken, self.paths = self.taken[keep], [self.paths[i] for i in keep]
         interrupted, rebiased = False, bank_key != self.bank_key
         bias_fn = make_bias_fn() if make_bias_fn is not None and (todo or rebiased) else None
         if rebiased:
@@ -231,14 +236,26 @@ class GalleryIndex:
                 old = np.empty(0, np.float32) if self.bias is None else self.bias
                 self.bias = np.concatenate([old, bias_fn(emb)])
             self.emb, self.fps = np.concatenate([self.emb, emb]), np.concatenate([self.fps, fps])
-            self.stats = np.concatenate([self.stats, np.array([files[p] for p in done], np.int64).reshape(-1, 2)])
+            stats = np.array([files[p] for p in done], np.int64).reshape(-1, 2)
+            taken = [taken_at(os.path.join(self.root, p), mtime) for p, (_, mtime) in zip(done, stats.tolist())]
+            self.stats = np.concatenate([self.stats, stats])
+            self.taken = np.concatenate([self.taken, np.array(taken, np.int64)])
             self.paths += done
             self.failed.update({p: [*files[p], e] for p, e in errors.items()})
         report = {"added": sum(p not in seen for p in done), "updated": sum(p in seen for p in done),
                   "removed": removed, "reused": reused, "interrupted": interrupted}
         report["failed"] = sorted((p, v[2]) for p, v in self.failed.items())
-        report["changed"] = bool(todo) or rebiased or len(keep) < len(old_stats) or len(self.failed) < n_failed
+        report["changed"] = (bool(todo) or rebiased or undated or len(keep) < len(old_stats)
+                             or len(self.failed) < n_failed)
         return report
+
+    def dates(self):
+        """(N,) int64 photos.taken_at of every photo; read from the files for an index that has none
+        (one made by an older version): their headers only, once."""
+        if self.taken is None:
+            self.taken = np.array([taken_at(os.path.join(self.root, p), int(mtime))
+                                   for p, mtime in zip(self.paths, self.stats[:, 1])], np.int64).reshape(-1)
+        return self.taken
 
     def _held(self, keep):
         """{fingerprint: embedding (D,)} the index holds: its rows, those about to be dropped (moved
@@ -277,19 +294,21 @@ class GalleryIndex:
         out_fps = np.frombuffer(b"".join(fp for _, fp in done), np.uint8).reshape(-1, 16)
         return [p for p, _ in done], out, out_fps, failed, len(errors) < len(encode), reused
 
-    def top_k(self, query_emb, k, chunk_rows=CHUNK_ROWS, bias=None):
+    def top_k(self, query_emb, k, chunk_rows=CHUNK_ROWS, bias=None, allowed=None):
         """Exact top-k by cosine similarity for L2-normalised queries (Q, D), less the photos'
-        bias (N,) if given (querybank normalisation).
+        bias (N,) if given (querybank normalisation), among the rows where `allowed` (N,) bool is
+        True if given (a date filter).
 
-        Returns scores (Q, k') float32 and row indices (Q, k') int64, best first, k' = min(k, N).
+        Returns scores (Q, k') float32 and row indices (Q, k') int64, best first, k' = min(k, N,
+        allowed rows).
         Each chunk of rows is converted to float32 in one reused buffer (no float32 copy of the
         whole gallery), scored and keeps its best k + RESCORE_EXTRA; those candidates are then
         rescored against the stored vectors in float32 with one product per query, so the scores
         and order do not depend on the chunking.
         """
         q = np.asarray(query_emb, dtype=np.float32)
-        n, k = len(self), min(k, len(self))
-        if n == 0:
+        n, k = len(self), min(k, len(self) if allowed is None else int(np.count_nonzero(allowed)))
+        if k == 0:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
         keep = min(k + RESCORE_EXTRA, n)
         buf = np.empty((min(chunk_rows, n), self.emb.shape[1]), np.float32)
@@ -300,6 +319,8 @@ class GalleryIndex:
             s = block @ q.T  # (C, Q)
             if bias is not None:
                 s -= bias[lo:lo + len(block), None]
+            if allowed is not None:
+                s[~allowed[lo:lo + len(block)]] = -np.inf
             c = min(keep, len(block))
             top = np.argpartition(-s, c - 1, axis=0)[:c] if c < len(block) else np.arange(len(block))[:, None]
             cand.append(np.broadcast_to(top, (c, len(q))) + lo)
@@ -307,6 +328,8 @@ class GalleryIndex:
         exact = np.einsum("qmd,qd->qm", self.emb[cand].astype(np.float32), q)  # (Q, M) float32
         if bias is not None:
             exact -= bias[cand]
+        if allowed is not None:  # a chunk with fewer than k allowed rows gave some others too
+            exact[~allowed[cand]] = -np.inf
         # Best first; among equal scores the lower row first, as a stable sort of all rows would give.
         order = np.lexsort((cand, -exact), axis=1)[:, :k]
         return np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)

@@ -5,10 +5,13 @@ query photo, an upload) decodes through read_image. Example:
     python -c "import photos; print(photos.read_image('data/flickr8k/images/667626_18933d713e.jpg', 224).shape)"
 """
 
+import calendar
 import functools
+import time
+from datetime import datetime
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 # What search.py indexes in a personal folder. HEIC/HEIF (the iPhone's photos) need pillow-heif;
 # Pillow reads AVIF itself.
@@ -53,6 +56,20 @@ def open_rgb(path, size):
         except Exception:  # a broken EXIF block does not make the pixels unreadable
             img = img.copy()
         return _to_rgb(img)
+
+
+def taken_at(path, mtime_ns):
+    """When a photo was taken, as wall-clock seconds (its local date and time, counted as if UTC):
+    EXIF DateTimeOriginal, which has no time zone, else the file's modification time in this
+    machine's time zone. Reads the file's header only."""
+    try:
+        _heif_opener()
+        with Image.open(path) as img:
+            text = img.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal)
+        # "2024:06:01 14:30:00"; cameras with no clock set write zeros or blanks
+        return calendar.timegm(datetime.strptime(str(text).strip("\0 ")[:19], "%Y:%m:%d %H:%M:%S").timetuple())
+    except Exception:
+        return calendar.timegm(time.localtime(mtime_ns // 1_000_000_000))
 
 
 def _to_rgb(img):

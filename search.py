@@ -25,7 +25,7 @@ import textwrap
 import warnings
 
 import encoder
-from cli import positive_int
+from cli import iso_date, positive_int
 from gallery import (
     Gallery,
     Term,
@@ -37,6 +37,7 @@ from gallery import (
     readable,
     result_rows,
     slug,
+    taken_between,
     top_hits,
 )
 from photos import IMAGE_EXTENSIONS, open_rgb, read_image
@@ -54,6 +55,9 @@ def get_args(argv=None):
     q.add_argument("--queries", help="text file of queries, one per line ('-': standard input); saves no grids")
     p.add_argument("--top_k", type=positive_int, default=9, help="how many photos to return per query")
     p.add_argument("--min_score", type=float, default=None, help="keep only the hits scoring at least this")
+    p.add_argument("--after", type=iso_date, default=None,
+                   help="only photos taken on or after this date, YYYY-MM-DD (EXIF, else the file's time)")
+    p.add_argument("--before", type=iso_date, default=None, help="only photos taken before this date, YYYY-MM-DD")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print results as JSON (query, rank, path, score), no grid")
     out.add_argument("--paths", action="store_true",
@@ -66,6 +70,8 @@ def get_args(argv=None):
     check_gallery_args(p, args)
     if args.query is not None and not args.query.strip():
         p.error("--query is empty")
+    if args.after and args.before and args.after >= args.before:
+        p.error(f"--after {args.after} is not before --before {args.before}: no photo could match")
     if args.image and not os.path.isfile(args.image):
         p.error(f"--image {args.image} is not a file")
     return args
@@ -214,12 +220,13 @@ def main(argv=None):
         raise SystemExit(f"error: no readable photos in {shown_root} (searched recursively for "
                          f"{' '.join(IMAGE_EXTENSIONS)}).")
     results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in hits]
-               for hits in top_hits(ix, q_emb, args.top_k, text, args.min_score)]
+               for hits in top_hits(ix, q_emb, args.top_k, text, args.min_score,
+                                    taken_between(ix, args.after, args.before))]
     print_results(labels, results, len(ix), [not t for t in text], args)
     if args.json or args.paths or args.queries:
         return 0
     if not results[0]:
-        log(f"no photo scores at least --min_score {args.min_score}; no grid saved")
+        log("no photo matches --min_score, --after and --before; no grid saved")
         return 0
     save_results(args, results[0], queries[0])
     return 0

@@ -13,6 +13,7 @@ scores as `search.py --json`. The index is brought up to date in the background 
     POST /api/image?k=N[&q=TERMS] photos like the photo file in the request body [with "+ ..." "- ..." terms]
     POST /api/rescan              index new and changed photos
     ...&min_score=S               on a search: only the hits scoring at least S
+    ...&after=DATE&before=DATE    on a search: only photos taken on or after / before YYYY-MM-DD
     GET  /thumb/ROW[?size=large]  a JPEG thumbnail    GET /photo/ROW    the original file
 
 Only indexed photos (by row number, inside the folder) and the page's own files are ever served;
@@ -21,6 +22,7 @@ read for it), or the upload.
 """
 
 import argparse
+import datetime
 import io
 import json
 import math
@@ -48,6 +50,7 @@ from gallery import (
     parse_query,
     readable,
     result_rows,
+    taken_between,
     top_hits,
 )
 from photos import IMAGE_EXTENSIONS, open_rgb, read_or_blank
@@ -132,11 +135,12 @@ class Library:
             self.gallery.save(ix)
         log(f"index {self.gallery.path}: {len(ix)} photos, {len(ix.failed)} unreadable")
 
-    def search(self, label, q_emb, k, text, min_score=None, ix=None):
+    def search(self, label, q_emb, k, text, ix=None, min_score=None, after=None, before=None):
         """The JSON answer: result_rows (as search.py --json prints them) with each photo's row
-        number for /thumb and /photo, and the indexing progress."""
+        number for /thumb and /photo, and the indexing progress. min_score, after, before: as
+        search.py's flags (None: not given)."""
         ix = self.ix if ix is None else ix
-        hits = top_hits(ix, q_emb, k, text, min_score)[0]
+        hits = top_hits(ix, q_emb, k, text, min_score, taken_between(ix, after, before))[0]
         rows = result_rows([label], [[(os.path.join(self.gallery.shown_root, ix.paths[r]), s) for r, s in hits]])
         for row, (r, _) in zip(rows, hits):
             row["id"] = r
@@ -157,7 +161,7 @@ class Library:
             return None
         return ix.emb[row].astype("float32")
 
-    def search_terms(self, q, k, min_score, upload=None):
+    def search_terms(self, q, k, upload=None, **cut):
         """Search a combined query (gallery.parse_query), with the uploaded photo's embedding (D,)
         as its first term if given."""
         if not q.strip() and upload is None:
@@ -173,18 +177,18 @@ class Library:
         except ValueError as e:
             raise BadRequest(400, str(e))
         label = "upload " + q.strip() if upload is not None else q
-        return self.search(label.strip(), q_emb, k, text, min_score, ix)
+        return self.search(label.strip(), q_emb, k, text, ix, **cut)
 
-    def search_text(self, q, k, min_score=None):
-        return self.search_terms(q, k, min_score)
+    def search_text(self, q, k, **cut):
+        return self.search_terms(q, k, **cut)
 
-    def search_like(self, row, k):
+    def search_like(self, row, k, **cut):
         ix = self.ix
         if not 0 <= row < len(ix):
             raise BadRequest(404, f"no photo {row} in the index")
-        return self.search(f"#{row}", ix.emb[row:row + 1].astype("float32"), k, text=False)
+        return self.search(f"#{row}", ix.emb[row:row + 1].astype("float32"), k, False, ix, **cut)
 
-    def search_image(self, data, k, q="", min_score=None):
+    def search_image(self, data, k, q="", **cut):
         # Decoded exactly as indexing decodes a file, reported rather than raised on one it cannot
         # read: a bomb (over Pillow's MAX_IMAGE_PIXELS), a text file, ...
         image, err = read_or_blank(io.BytesIO(data), self.gallery.image_size)
@@ -192,7 +196,7 @@ class Library:
             raise BadRequest(413 if "DecompressionBomb" in err else 400, f"not a readable photo ({err})")
         with self.model_lock:
             upload = self.model.encode_images(image[None])[0]
-        return self.search_terms(q, k, min_score, upload)
+        return self.search_terms(q, k, upload, **cut)
 
     def photo_path(self, row):
         """The real path of an indexed photo, or None: rows outside the index, and links that lead
@@ -246,6 +250,18 @@ def min_score(params):
     if not math.isfinite(value):
         raise BadRequest(400, "min_score must be a number")
     return value
+
+
+def cutoffs(params):
+    """A search's min_score, after and before parameters, as search.py's flags (None: not given)."""
+    days = {}
+    for name in ("after", "before"):
+        text = params.get(name, [""])[0]
+        try:
+            days[name] = datetime.date.fromisoformat(text) if text else None
+        except ValueError:
+            raise BadRequest(400, f"{name} must be a date written YYYY-MM-DD")
+    return {"min_score": min_score(params), **days}
 
 
 def row_number(text):
@@ -373,9 +389,10 @@ class Handler(BaseHTTPRequestHandler):
             with open(os.path.join(WEB, name), "rb") as f:
                 return self.send(200, f.read(), mimetypes.guess_type(name)[0] + "; charset=utf-8")
         if url.path == "/api/search":
-            return self.send_json(200, lib.search_text(params.get("q", [""])[0], top_k(params), min_score(params)))
+            return self.send_json(200, lib.search_text(params.get("q", [""])[0], top_k(params), **cutoffs(params)))
         if url.path == "/api/like":
-            return self.send_json(200, lib.search_like(row_number(params.get("id", [""])[0]), top_k(params)))
+            return self.send_json(200, lib.search_like(row_number(params.get("id", [""])[0]), top_k(params),
+                                                          **cutoffs(params)))
         if url.path == "/api/status":
             return self.send_json(200, lib.status())
         m = re.fullmatch(r"/(thumb|photo)/([^/]*)", url.path)
@@ -402,7 +419,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path != "/api/image":
             raise BadRequest(404, "not found")
         params = parse_qs(url.query)
-        k = top_k(params)
+        k, cut = top_k(params), cutoffs(params)
         try:
             n = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -419,7 +436,7 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(408, f"upload stalled: nothing came for {self.timeout:g} s")
         if len(data) < n:  # the client closed its side early: a cut-off file is not the photo
             raise BadRequest(400, f"incomplete upload: {len(data)} of {n} bytes")
-        self.send_json(200, self.library.search_image(data, k, params.get("q", [""])[0], min_score(params)))
+        self.send_json(200, self.library.search_image(data, k, params.get("q", [""])[0], **cut))
 
 
 def make_server(args):

@@ -72,6 +72,7 @@ def prefill_index(serve_args, n_indexed):
     emb = np.random.default_rng(0).standard_normal((n_indexed, ix.emb.shape[1])).astype(np.float32)
     ix.emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
     ix.stats = np.array([files[p] for p in ix.paths], np.int64).reshape(-1, 2)
+    ix.fps, ix.taken = np.zeros((n_indexed, 16), np.uint8), None  # no content fingerprints; dates read at save
     ix.bias, ix.bank_key = (np.zeros(n_indexed, np.float32), gallery.bank_key) if gallery.bank_key else (None, "")
     gallery.save(ix)
 

@@ -218,7 +218,7 @@ def test_moved_renamed_and_duplicate_photos_are_not_encoded_again(photos, ckpts,
 def test_damaged_or_foreign_index_files_are_not_read(tmp_path):
     ix = GalleryIndex("fp", "/photos", 8)
     ix.emb, ix.paths, ix.stats = np.ones((2, 8), np.float16), ["a.jpg", "b.jpg"], np.zeros((2, 2), np.int64)
-    ix.fps = np.zeros((2, 16), np.uint8)
+    ix.fps, ix.taken = np.zeros((2, 16), np.uint8), np.zeros(2, np.int64)
     ix.save(tmp_path / "ix.npz")
     good = (tmp_path / "ix.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(good[: len(good) // 2])

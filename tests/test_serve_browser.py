@@ -14,8 +14,10 @@ import subprocess
 import threading
 import time
 import urllib.request
+from urllib.parse import quote
 
 import pytest
+from test_serve import get_json
 from tiny import make_checkpoint
 
 import serve
@@ -146,6 +148,21 @@ def test_type_a_query_then_click_for_more_like_this(tiny_data, tmp_path, browser
         browser.wait_for(f"location.search === '?like={third[2]}' && "
                          f"document.querySelector('#results img')?.dataset.id === '{third[2]}'")
         assert browser.js("document.getElementById('message').textContent").startswith(f"Photos like #{third[2]}")
+
+        # a combined query and its cut-offs from the URL: the API's hits at least min_score, the fields filled
+        q = "a red circle - 2:a blue square"
+        api = get_json(server, f"/api/search?k=48&q={quote(q)}")["results"]
+        cut = api[2]["score"]
+        browser.call("Page.navigate", url=f"{url}?q={quote(q)}&min_score={cut}")
+        ids = [str(r["id"]) for r in api if r["score"] >= cut]
+        browser.wait_for(f"JSON.stringify([...document.querySelectorAll('#results img')].map(i => i.dataset.id))"
+                         f" === '{json.dumps(ids, separators=(',', ':'))}'")
+        assert browser.js("[q.value, min_score.value]") == [q, str(cut)]
+        # a date typed in the page's field goes into the URL and the search: no photo is from the future
+        # (and the form submits with a min_score of any precision in its field)
+        browser.js("after.value = '2100-01-01'; document.querySelector('#search button').click()")
+        browser.wait_for("document.getElementById('message').textContent.includes(': 0 of ')")
+        assert "after=2100-01-01" in browser.js("location.search")
     finally:
         server.shutdown()
         server.server_close()

@@ -1,7 +1,17 @@
 "use strict";
 // The page's state is its URL: ?q=QUERY (words, indexed photos' paths, + and -) or ?like=ROW, and
-// &min_score=S, so a search can be shared and bookmarked.
+// the cut-offs &min_score=S&after=DATE&before=DATE, so a search can be shared and bookmarked.
 const $ = (id) => document.getElementById(id);
+const CUTOFFS = ["min_score", "after", "before"];  // each a field of the page and a parameter of the API
+
+function setCutoffs(params) {  // from the page's fields into URLSearchParams or an object
+  for (const name of CUTOFFS) {
+    if (!$(name).value) continue;
+    if (params instanceof URLSearchParams) params.set(name, $(name).value);
+    else params[name] = $(name).value;
+  }
+  return params;
+}
 let polling = false;
 
 async function getJSON(url, options) {
@@ -49,15 +59,15 @@ function show(data, title) {
   progress(data);
 }
 
-// The search parameters the API takes from the page's URL: q or id, and min_score.
+// The search parameters the API takes from the page's URL: q or id, and the cut-offs.
 function apiQuery(params, name) {
   const api = new URLSearchParams({ [name]: params.get(name === "id" ? "like" : name) });
-  if (params.get("min_score")) api.set("min_score", params.get("min_score"));
+  for (const c of CUTOFFS) if (params.get(c)) api.set(c, params.get(c));
   return api;
 }
 
 async function run(params) {
-  $("min_score").value = params.get("min_score") || "";
+  for (const c of CUTOFFS) $(c).value = params.get(c) || "";
   try {
     if (params.get("q")) {
       $("q").value = params.get("q");
@@ -73,7 +83,7 @@ async function run(params) {
 }
 
 function go(params) {
-  if ($("min_score").value) params.min_score = $("min_score").value;
+  setCutoffs(params);
   history.pushState(null, "", "?" + new URLSearchParams(params));
   $("viewer").close();
   run(new URLSearchParams(params));
@@ -93,8 +103,7 @@ async function searchFile(file) {
   if (!file) return;
   history.pushState(null, "", location.pathname);
   const terms = /^[+-]\s/.test($("q").value.trim()) ? $("q").value.trim() : "";
-  const api = new URLSearchParams({ q: terms });
-  if ($("min_score").value) api.set("min_score", $("min_score").value);
+  const api = setCutoffs(new URLSearchParams({ q: terms }));
   try {
     show(await getJSON(`/api/image?${api}`, { method: "POST", body: file }), `Photos like ${file.name} ${terms}`);
   } catch (e) {
