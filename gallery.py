@@ -46,9 +46,12 @@ def gallery_images(data_dir, use_test_set):
         raise SystemExit(f"error: {path} not found; pass --data_dir, or --images_dir to search your own photos.")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-        names = {r["image"] for r in rows if not use_test_set or r["split"] == "test"}
-    except (UnicodeDecodeError, csv.Error, KeyError, TypeError) as e:
+            rows = csv.reader(f)  # not DictReader: a dict per caption would be most of a cold query's parsing
+            header = next(rows, [])
+            image, split = header.index("image"), header.index("split")
+            rows = [(r[image], r[split]) for r in rows if r]
+        names = {name for name, s in rows if not use_test_set or s == "test"}
+    except (UnicodeDecodeError, csv.Error, ValueError, IndexError) as e:
         raise SystemExit(f"error: {path} is not the UTF-8 CSV that preprocess_flickr8k.py writes "
                          f"({type(e).__name__}: {e}); rerun preprocess_flickr8k.py.")
     if not rows:
