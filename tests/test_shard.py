@@ -1,0 +1,92 @@
+"""search.py --index_only spread over 2 processes with gloo on CPU, started as torchrun starts them
+(RANK, WORLD_SIZE, ... in the environment): the index one process writes, and nothing written when
+a process dies."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_distributed import free_port
+from tiny import make_checkpoint, photo
+
+import search
+import shard
+from index import GalleryIndex
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_data, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("shard") / "m" / "best.pt",
+                           os.path.join(tiny_data, "text_encoder"), 5)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "photos"
+    for i in range(11):
+        photo(d / f"{'sub/' if i % 3 else ''}p{i:02d}.jpg", 60 + i)
+    (d / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")  # unreadable: listed as failed, by rank 0
+    return d
+
+
+def argv(ckpt, folder, index_dir):
+    return ["--checkpoint", ckpt, "--images_dir", str(folder), "--index_dir", str(index_dir), "--device", "cpu",
+            "--num_workers", "0", "--batch_size", "2", "--index_only"]
+
+
+def _index_on_rank(rank, world, port, args, fail_rank):
+    """One process of a sharded run, as torchrun would start it; rank `fail_rank` fails as it encodes."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    shard.ROUND = 2  # several rounds of gathering for a dozen photos
+    if rank == fail_rank:
+        def dies(*a, **k):
+            raise RuntimeError("planted: this process dies while encoding")
+        shard.encode_image_files = dies
+    assert search.main(args) == 0
+
+
+def index_of(index_dir):
+    return GalleryIndex.load(next(index_dir.glob("index_*.npz")))
+
+
+def test_two_processes_write_the_single_process_index(ckpt, folder, tmp_path, capsys):
+    assert search.main(argv(ckpt, folder, tmp_path / "one")) == 0
+    mp.spawn(_index_on_rank, args=(WORLD, free_port(), argv(ckpt, folder, tmp_path / "two"), None), nprocs=WORLD)
+    one, two = index_of(tmp_path / "one"), index_of(tmp_path / "two")
+    assert len(one) == 11 and sorted(one.paths) == sorted(two.paths)
+    assert list(one.failed) == list(two.failed) == ["broken.jpg"]
+    rows = [two.paths.index(p) for p in one.paths]
+    # The same embedding for each photo, to float16 rounding (other batches, other processes).
+    assert np.abs(one.emb.astype(np.float32) - two.emb[rows].astype(np.float32)).max() <= 1e-3
+    assert (one.stats == two.stats[rows]).all() and (one.fps == two.fps[rows]).all()
+
+    def ranking(index_dir, *query):
+        capsys.readouterr()
+        search.main([*argv(ckpt, folder, index_dir)[:-1], *query, "--json", "--top_k", "20"])
+        return [r["path"] for r in json.loads(capsys.readouterr().out)]
+    for query in (("--query", "a red circle"), ("--image", str(folder / "sub" / "p04.jpg"))):
+        assert ranking(tmp_path / "two", *query) == ranking(tmp_path / "one", *query)
+
+
+def test_a_process_that_dies_leaves_the_index_as_it_was(ckpt, folder, tmp_path):
+    index_dir = tmp_path / "index"
+    assert search.main(argv(ckpt, folder, index_dir)) == 0
+    before = {p.name: p.read_bytes() for p in index_dir.iterdir()}
+    for i in range(6):
+        photo(folder / f"new{i}.jpg", 90 + i)  # work for both processes
+    with pytest.raises(Exception, match="planted: this process dies"):
+        mp.spawn(_index_on_rank, args=(WORLD, free_port(), argv(ckpt, folder, index_dir), 1), nprocs=WORLD)
+    assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == before  # nothing written, no leftovers
+
+
+def test_a_query_under_torchrun_is_refused(ckpt, folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match="pass --index_only"):
+        search.main([*argv(ckpt, folder, tmp_path)[:-1], "--query", "a dog"])
