@@ -23,6 +23,7 @@ the photos encoded so far, a sharded run keeps nothing of the interrupted update
 """
 
 import os
+import re
 
 import numpy as np
 
@@ -84,8 +85,8 @@ def _exchange(collective, *args, **kwargs):
     try:
         collective(*args, **kwargs)
     except RuntimeError as e:  # torch's DistBackendError and gloo's closed connections are RuntimeErrors
-        raise SystemExit(f"error: a process of the sharded run failed ({str(e).splitlines()[0][:200]}); "
-                         "the index was not changed")
+        why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0])[:200]  # less gloo's source file and line
+        raise SystemExit(f"error: a process of the sharded run failed ({why}); the index was not changed")
 
 
 def _encode_rounds(encoder, paths, image_size, batch_size, num_workers):
