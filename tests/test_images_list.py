@@ -6,18 +6,12 @@ import json
 import os
 
 import pytest
-from tiny import make_checkpoint, photo
+from tiny import photo
 
 import index
 import search
 import serve
 from index import GalleryIndex
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_data, tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("list") / "m" / "best.pt",
-                           os.path.join(tiny_data, "text_encoder"), 6)
 
 
 @pytest.fixture
@@ -37,22 +31,23 @@ def listed(tmp_path):
     return arch, outside
 
 
-def run(capsys, ckpt, lst, index_dir, *argv):
+def run(capsys, tiny_ckpt, lst, index_dir, *argv):
     capsys.readouterr()
-    rc = search.main(["--checkpoint", ckpt, "--images_list", str(lst), "--index_dir", str(index_dir),
+    rc = search.main(["--checkpoint", tiny_ckpt, "--images_list", str(lst), "--index_dir", str(index_dir),
                       "--device", "cpu", "--num_workers", "0", *map(str, argv)])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
 
-def test_a_list_is_the_gallery_without_walking_a_folder(capsys, ckpt, listed, tmp_path, monkeypatch):
+def test_a_list_is_the_gallery_without_walking_a_folder(capsys, tiny_ckpt, listed, tmp_path, monkeypatch):
     arch, outside = listed
 
     def no_walk(*a, **k):
         raise AssertionError("a folder was walked")
     monkeypatch.setattr(os, "walk", no_walk)
     monkeypatch.chdir(tmp_path / "elsewhere")  # relative lines are relative to the list, not to here
-    rc, out, err = run(capsys, ckpt, arch / "list.txt", tmp_path, "--query", "a red circle", "--json", "--top_k", "50")
+    rc, out, err = run(capsys, tiny_ckpt, arch / "list.txt", tmp_path, "--query", "a red circle", "--json",
+                       "--top_k", "50")
     assert rc == 0, err
     want = {str(arch / "a.jpg"), str(arch / "sub" / "b.jpg"), str(arch / "sub" / "c.jpg"), outside}
     assert {r["path"] for r in json.loads(out)} == want
@@ -61,11 +56,11 @@ def test_a_list_is_the_gallery_without_walking_a_folder(capsys, ckpt, listed, tm
     ix = GalleryIndex.load(next(tmp_path.glob("index_best_list-list-*.npz")))
     assert ix.root == os.path.realpath(arch)
     assert sorted(ix.paths) == sorted(["a.jpg", "sub/b.jpg", "sub/c.jpg", outside])  # outside: absolute
-    rc, out, err = run(capsys, ckpt, arch / "list.txt", tmp_path, "--image", outside, "--json", "--top_k", "1")
+    rc, out, err = run(capsys, tiny_ckpt, arch / "list.txt", tmp_path, "--image", outside, "--json", "--top_k", "1")
     assert json.loads(out)[0]["path"] == outside
 
 
-def test_a_changed_list_updates_the_index(capsys, ckpt, listed, tmp_path, monkeypatch):
+def test_a_changed_list_updates_the_index(capsys, tiny_ckpt, listed, tmp_path, monkeypatch):
     arch, outside = listed
     calls, real = [], index.encode_image_files
 
@@ -74,28 +69,28 @@ def test_a_changed_list_updates_the_index(capsys, ckpt, listed, tmp_path, monkey
         return real(enc, paths, *a, **k)
     monkeypatch.setattr(index, "encode_image_files", counting)
     lst = arch / "list.txt"
-    assert run(capsys, ckpt, lst, tmp_path, "--index_only")[0] == 0
+    assert run(capsys, tiny_ckpt, lst, tmp_path, "--index_only")[0] == 0
     lst.write_text("a.jpg\nunlisted.jpg\n" + outside + "\n")  # b and c dropped, one added
-    rc, _, err = run(capsys, ckpt, lst, tmp_path, "--query", "x", "--paths", "--top_k", "50")
+    rc, _, err = run(capsys, tiny_ckpt, lst, tmp_path, "--query", "x", "--paths", "--top_k", "50")
     assert rc == 0 and calls == [5, 1]  # the first run: 4 photos and the broken file
     assert "(1 added, 2 removed)" in err
-    _, out, _ = run(capsys, ckpt, lst, tmp_path, "--query", "x", "--paths", "--top_k", "50")
+    _, out, _ = run(capsys, tiny_ckpt, lst, tmp_path, "--query", "x", "--paths", "--top_k", "50")
     assert sorted(out.splitlines()) == sorted([str(arch / "a.jpg"), str(arch / "unlisted.jpg"), outside])
 
 
-def test_list_flags_are_checked(capsys, ckpt, listed, tmp_path):
+def test_list_flags_are_checked(capsys, tiny_ckpt, listed, tmp_path):
     arch, _ = listed
     with pytest.raises(SystemExit) as e:
-        run(capsys, ckpt, arch / "list.txt", tmp_path, "--images_dir", arch, "--query", "x")
+        run(capsys, tiny_ckpt, arch / "list.txt", tmp_path, "--images_dir", arch, "--query", "x")
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        run(capsys, ckpt, arch / "none.txt", tmp_path, "--query", "x")
+        run(capsys, tiny_ckpt, arch / "none.txt", tmp_path, "--query", "x")
     assert "none.txt is not a file" in capsys.readouterr().err
 
 
-def test_serve_shows_listed_photos_outside_the_lists_folder(ckpt, listed, tmp_path):
+def test_serve_shows_listed_photos_outside_the_lists_folder(tiny_ckpt, listed, tmp_path):
     arch, outside = listed
-    args = serve.get_args(["--checkpoint", ckpt, "--images_list", str(arch / "list.txt"), "--index_dir",
+    args = serve.get_args(["--checkpoint", tiny_ckpt, "--images_list", str(arch / "list.txt"), "--index_dir",
                            str(tmp_path), "--device", "cpu", "--port", "0"])
     server, library = serve.make_server(args)
     try:

@@ -10,19 +10,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_distributed import free_port
-from tiny import make_checkpoint, photo
+from tiny import photo
 
 import search
 import shard
 from index import GalleryIndex
 
 WORLD = 2
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_data, tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("shard") / "m" / "best.pt",
-                           os.path.join(tiny_data, "text_encoder"), 5)
 
 
 @pytest.fixture
@@ -34,8 +28,8 @@ def folder(tmp_path):
     return d
 
 
-def argv(ckpt, folder, index_dir):
-    return ["--checkpoint", ckpt, "--images_dir", str(folder), "--index_dir", str(index_dir), "--device", "cpu",
+def argv(tiny_ckpt, folder, index_dir):
+    return ["--checkpoint", tiny_ckpt, "--images_dir", str(folder), "--index_dir", str(index_dir), "--device", "cpu",
             "--num_workers", "0", "--batch_size", "2", "--index_only"]
 
 
@@ -62,9 +56,9 @@ def index_of(index_dir):
     return GalleryIndex.load(next(index_dir.glob("index_*.npz")))
 
 
-def test_two_processes_write_the_single_process_index(ckpt, folder, tmp_path, capsys):
-    assert search.main(argv(ckpt, folder, tmp_path / "one")) == 0
-    mp.spawn(_index_on_rank, args=(WORLD, free_port(), argv(ckpt, folder, tmp_path / "two"), None), nprocs=WORLD)
+def test_two_processes_write_the_single_process_index(tiny_ckpt, folder, tmp_path, capsys):
+    assert search.main(argv(tiny_ckpt, folder, tmp_path / "one")) == 0
+    mp.spawn(_index_on_rank, args=(WORLD, free_port(), argv(tiny_ckpt, folder, tmp_path / "two"), None), nprocs=WORLD)
     one, two = index_of(tmp_path / "one"), index_of(tmp_path / "two")
     assert len(one) == 11 and sorted(one.paths) == sorted(two.paths)
     assert list(one.failed) == list(two.failed) == ["broken.jpg"]
@@ -75,21 +69,21 @@ def test_two_processes_write_the_single_process_index(ckpt, folder, tmp_path, ca
 
     def ranking(index_dir, *query):
         capsys.readouterr()
-        search.main([*argv(ckpt, folder, index_dir)[:-1], *query, "--json", "--top_k", "20"])
+        search.main([*argv(tiny_ckpt, folder, index_dir)[:-1], *query, "--json", "--top_k", "20"])
         return [r["path"] for r in json.loads(capsys.readouterr().out)]
     for query in (("--query", "a red circle"), ("--image", str(folder / "sub" / "p04.jpg"))):
         assert ranking(tmp_path / "two", *query) == ranking(tmp_path / "one", *query)
 
 
-def test_a_process_that_dies_leaves_the_index_as_it_was(ckpt, folder, tmp_path):
+def test_a_process_that_dies_leaves_the_index_as_it_was(tiny_ckpt, folder, tmp_path):
     index_dir = tmp_path / "index"
-    assert search.main(argv(ckpt, folder, index_dir)) == 0
+    assert search.main(argv(tiny_ckpt, folder, index_dir)) == 0
     before = {p.name: p.read_bytes() for p in index_dir.iterdir()}
     for i in range(6):
         photo(folder / f"new{i}.jpg", 90 + i)  # work for both processes
     # Each process left to end on its own (mp.spawn's join would stop rank 0 when rank 1 fails), as
     # rank 0 does when a machine of a torchrun job is lost.
-    ctx = mp.spawn(_index_on_rank, args=(WORLD, free_port(), argv(ckpt, folder, index_dir), 1, str(tmp_path)),
+    ctx = mp.spawn(_index_on_rank, args=(WORLD, free_port(), argv(tiny_ckpt, folder, index_dir), 1, str(tmp_path)),
                    nprocs=WORLD, join=False)
     try:
         for p in ctx.processes:
@@ -104,7 +98,7 @@ def test_a_process_that_dies_leaves_the_index_as_it_was(ckpt, folder, tmp_path):
     assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == before  # nothing written, no leftovers
 
 
-def test_a_query_under_torchrun_is_refused(ckpt, folder, tmp_path, monkeypatch):
+def test_a_query_under_torchrun_is_refused(tiny_ckpt, folder, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match="pass --index_only"):
-        search.main([*argv(ckpt, folder, tmp_path)[:-1], "--query", "a dog"])
+        search.main([*argv(tiny_ckpt, folder, tmp_path)[:-1], "--query", "a dog"])
