@@ -171,5 +171,9 @@ def test_an_index_of_the_previous_version_is_read_and_written_anew(capsys, ckpt,
     same(again, first)
     new = GalleryIndex.load(path)
     assert new.version == index.INDEX_VERSION and isinstance(new.emb, np.memmap)
-    assert np.array_equal(new.emb, old.emb) and [p.name for p in tmp_path.glob("index_*.npy")] == [
-        os.path.basename(new.emb_file)]
+    assert np.array_equal(new.emb, old.emb)
+    photo(folder / "more.jpg", 99)  # a change: a new generation, whose .npy replaces the last one's
+    run(capsys, ckpt, folder, tmp_path, "--query", "a red circle")
+    newer = GalleryIndex.load(path)
+    assert newer.generation != new.generation and len(newer) == 13
+    assert [p.name for p in tmp_path.glob("index_*.npy")] == [os.path.basename(newer.emb_file)]
