@@ -4,12 +4,14 @@ a process dies."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_distributed import free_port
+from test_distributed import REPO, free_port
 from tiny import photo
 
 import search
@@ -73,6 +75,17 @@ def test_two_processes_write_the_single_process_index(tiny_ckpt, folder, tmp_pat
         return [r["path"] for r in json.loads(capsys.readouterr().out)]
     for query in (("--query", "a red circle"), ("--image", str(folder / "sub" / "p04.jpg"))):
         assert ranking(tmp_path / "two", *query) == ranking(tmp_path / "one", *query)
+
+
+def test_the_torchrun_command_indexes_with_two_processes(tiny_ckpt, folder, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "search.py", *argv(tiny_ckpt, folder, tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stderr.count("photos, encoded by 2 processes") == 1  # rank 0 alone reports
+    ix = index_of(tmp_path)
+    assert len(ix) == 11 and list(ix.failed) == ["broken.jpg"]
 
 
 def test_a_process_that_dies_leaves_the_index_as_it_was(tiny_ckpt, folder, tmp_path):
