@@ -39,6 +39,7 @@ numpy and faiss only; imported only where the approximate index is used.
 """
 
 import json
+import os
 import zlib
 
 import numpy as np
@@ -46,9 +47,12 @@ import numpy as np
 try:
     import faiss
 except ImportError:  # a clear message instead of a traceback for users of exact search only
-    raise ImportError("the approximate index (--ann) needs FAISS: pip install 'faiss-cpu>=1.8,<2'")
+    raise ImportError("the approximate index (--ann) needs FAISS: pip install 'faiss-cpu>=1.9,<2'")
 
 from atomic import atomic_path
+
+# FAISS's OpenMP uses every core it sees; a container or `taskset` may allow fewer.
+faiss.omp_set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 FORMAT = "gallery-ann-1"
 MAGIC = b"GALLERY-ANN\n"
@@ -123,38 +127,67 @@ class AnnIndex:
                 ids -= np.searchsorted(rows, ids)
                 invlists.release_ids(lst, ptr)
 
-    def search(self, q, k, emb, bias=None):
+    def search(self, q, k, emb, bias=None, allowed=None, exact_below=0):
         """Top k rows for queries q (Q, D) float32, L2-normalised: scores (Q, k') float32, rows
-        (Q, k') int64, best first, k' = min(k, len(self)). Scores are exact cosines with `emb`
+        (Q, k') int64, best first, k' = min(k, rows allowed). Scores are exact cosines with `emb`
         (N, D), the gallery's embeddings (float16 memory-mapped is fine), less `bias` (N,) if given,
-        as the exact search computes them; only which rows are scored is approximate."""
+        as the exact search computes them; only which rows are scored is approximate.
+
+        allowed (N,) bool: only those rows (a date filter). Fewer than `exact_below` allowed rows
+        are all scored exactly (as cheap as an exact search of a gallery that small: the caller's
+        threshold for using this index at all). More are searched through the index with FAISS's
+        IDSelectorBitmap, which skips other rows' codes, visiting nprobe x N / allowed lists (at
+        most all), so the lists visited hold about as many allowed candidates as an unfiltered
+        search finds."""
         if bias is not None and not self.has_bias:
             raise ValueError("this index was built without a bias: build it again with the gallery's bias")
         q = np.ascontiguousarray(q, np.float32)
-        k = min(k, len(self))
+        n_ok = len(self) if allowed is None else int(np.count_nonzero(allowed))
+        k = min(k, n_ok)
         scores, rows = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
         if k == 0:
             return scores, rows
+        if allowed is not None and n_ok < exact_below:
+            return self._exact(q, k, emb, bias, np.flatnonzero(allowed))
         qx = np.zeros((len(q), self.index.d), np.float32)
         qx[:, :self.dim] = q
         if bias is not None:
             qx[:, self.dim] = -1.0
-        ivf = faiss.extract_index_ivf(self.index)
-        ivf.nprobe = min(self.nprobe, ivf.nlist)
-        _, cand = self.index.search(qx, max(self.rerank, k))
+        nlist = faiss.extract_index_ivf(self.index).nlist
+        sel = None
+        if allowed is not None:
+            bitmap = np.packbits(np.asarray(allowed, bool), bitorder="little")  # a local: alive while FAISS reads it
+            sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+
+        def candidates(x, nprobe):
+            # Per-call parameters, not the index's own nprobe: searches from several threads do not meet.
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe, nlist))
+            if sel is not None:
+                params.sel = sel
+            return self.index.search(x, max(self.rerank, k), params=params)[1]
+        nprobe = self.nprobe if allowed is None else -(-self.nprobe * len(self) // n_ok)
+        cand = candidates(qx, nprobe)
         for i in range(len(q)):
             c = np.sort(cand[i][cand[i] >= 0])  # sorted: the memory map reads forward
             if len(c) < k:  # the probed lists held fewer than k: visit them all
-                ivf.nprobe = ivf.nlist
-                c = np.sort(self.index.search(qx[i:i + 1], max(self.rerank, k))[1][0])
+                c = np.sort(candidates(qx[i:i + 1], nlist)[0])
                 c = c[c >= 0]
-                ivf.nprobe = min(self.nprobe, ivf.nlist)
             s = np.asarray(emb[c], np.float32) @ q[i]  # (C,) float32, as the exact rescoring
             if bias is not None:
                 s -= np.asarray(bias, np.float32)[c]
             best = np.argsort(-s, kind="stable")[:k]
             scores[i], rows[i] = s[best], c[best]
         return scores, rows
+
+    @staticmethod
+    def _exact(q, k, emb, bias, rows):
+        """Exact top k among `rows` (sorted), CHUNK rows at a time; ties: the lower row first."""
+        s = np.concatenate([np.asarray(emb[rows[lo:lo + CHUNK]], np.float32) @ q.T
+                            for lo in range(0, len(rows), CHUNK)])  # (M, Q)
+        if bias is not None:
+            s -= np.asarray(bias, np.float32)[rows][:, None]
+        best = np.argsort(-s, axis=0, kind="stable")[:k].T  # (Q, k)
+        return np.take_along_axis(s.T, best, 1), rows[best]
 
     def save(self, path):
         """Write atomically: a JSON header (format, fingerprint, FAISS version, sizes), the FAISS

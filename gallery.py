@@ -1,6 +1,7 @@
-"""A checkpoint's gallery: which photos it searches (a folder, recursively, or Flickr8K's), the
-index file that holds their embeddings, how a query is encoded and ranked, and the JSON rows of
-a result. What search.py and serve.py share. Example:
+"""A checkpoint's gallery: which photos it searches (a folder, recursively, a list file, or
+Flickr8K's), the index file that holds their embeddings and, for a big gallery, the approximate
+index (ann.py) beside it, how a query is encoded and ranked, and the JSON rows of a result. What
+search.py and serve.py share. Example:
 
     python -c "import gallery; print(gallery.slug('a dog running through snow'))"
 """
@@ -10,13 +11,23 @@ import csv
 import hashlib
 import os
 import re
+import stat
 import sys
+import threading
 from typing import NamedTuple
 
 import numpy as np
 
 from cli import non_negative_int, positive_int
 from index import GalleryIndex, querybank_bias, scan_folder
+
+# Exact search below this many photos, the approximate index from there on (or at any size with
+# --ann). benchmarks/bench_index.py on 2 cores (benchmarks/README.md, "Where the approximate index
+# starts"): exact search costs 3-6 ms per 1,000 photos, so past 100,000 a query waits 0.3 s and
+# more for it, while the approximate index answers in 1-2 ms at recall@10 0.98, built once in about
+# a minute at that size (a third of the time encoding those photos takes).
+ANN_FROM = 100_000
+LISTED_MISSING = 5  # missing files of a list named in the warning
 
 
 def log(msg):
@@ -73,10 +84,50 @@ def flickr_files(root, names):
     return files
 
 
+def list_files(path):
+    """{path: (size, mtime_ns)} of the photos a list file names, one per line (UTF-8; blank lines
+    and lines starting with # skipped; a relative path is relative to the list's folder). A photo
+    under the list's folder is keyed by its path relative to that folder, as a folder's photos are
+    (the index's root); one elsewhere by its absolute path. No folder is walked: each listed file
+    is looked up once; missing ones are left out with a warning, as captions.csv's are."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+            lines = [line.strip() for line in f]
+    except OSError as e:
+        raise SystemExit(f"error: cannot read --images_list {path}: {e.strerror}.")
+    root = os.path.dirname(os.path.realpath(path))
+    listed = [line for line in lines if line and not line.startswith("#")]
+    files, missing = {}, []
+    for line in listed:
+        full = os.path.normpath(os.path.join(root, os.path.expanduser(line)))
+        rel = os.path.relpath(full, root)
+        key = (full if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel).replace(os.sep, "/")
+        try:
+            st = os.stat(full)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
+            missing.append(line)
+            continue
+        files[key] = (st.st_size, st.st_mtime_ns)
+    if missing:
+        log(f"warning: {len(missing)} of {len(listed)} photos listed in {path} are missing or not files: "
+            + ", ".join(missing[:LISTED_MISSING]) + (" ..." if len(missing) > LISTED_MISSING else ""))
+    return files
+
+
 def add_gallery_args(p, batch_size, num_workers):
     """The flags that choose a gallery, its index and the model, for search.py and serve.py."""
     # gallery
-    p.add_argument("--images_dir", default=None, help="search this folder of photos (recursively) instead of Flickr8K")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--images_dir", default=None,
+                        help="search this folder of photos (recursively) instead of Flickr8K")
+    source.add_argument("--images_list", default=None,
+                        help="search the photos this file lists, one path per line (relative: to the file's "
+                             "folder), instead of Flickr8K; no folder is walked")
+    p.add_argument("--ann", action="store_true",
+                   help=f"search through the approximate FAISS index at any size (default: from {ANN_FROM:,} "
+                        "photos on; needs faiss-cpu)")
     p.add_argument("--use_test_set", action="store_true", help="search only the test split's photos")
     p.add_argument("--data_dir", default=None, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--index_dir", default=None, help="where gallery indexes are kept (default: beside the checkpoint)")
@@ -94,22 +145,38 @@ def add_gallery_args(p, batch_size, num_workers):
 
 
 def check_gallery_args(p, args):
-    if args.images_dir and args.use_test_set:
-        p.error("--use_test_set picks Flickr8K's test photos; it does not apply to --images_dir")
+    if (args.images_dir or args.images_list) and args.use_test_set:
+        p.error("--use_test_set picks Flickr8K's test photos; it does not apply to --images_dir or --images_list")
     if args.images_dir and not os.path.isdir(args.images_dir):
         p.error(f"--images_dir {args.images_dir} is not a folder")
+    if args.images_list and not os.path.isfile(args.images_list):
+        p.error(f"--images_list {args.images_list} is not a file")
+
+
+def ann_key(ix):
+    """What an approximate index must match to search `ix`: the checkpoint and the rows' generation."""
+    return f"{ix.fingerprint}:{ix.generation}"
 
 
 class Gallery:
-    """The photos a checkpoint searches (args.images_dir, recursively, or Flickr8K's) and their
-    index file: `ix` is the index as stored, `scan()` lists the photos now, `update()` brings an
-    index up to date with them and `save()` keeps it. args: search.py's and serve.py's flags;
-    encoder: encoder.py's, which embeds the photos and queries."""
+    """The photos a checkpoint searches (args.images_dir, recursively, args.images_list's, or
+    Flickr8K's) and their index file: `ix` is the index as stored, `scan()` lists the photos now,
+    `update()` brings an index up to date with them and `save()` keeps it; `approximate()` keeps
+    the approximate index (`ann`) in step with it, and `hits()` searches through whichever applies.
+    args: search.py's and serve.py's flags; encoder: encoder.py's, which embeds the photos and
+    queries."""
 
     def __init__(self, args, encoder):
         self.encoder, self.args = encoder, args
         self.image_size, self.flip = encoder.image_size, encoder.flip
-        if args.images_dir:
+        self.encode_files = None  # index.encode_image_files, or shard.py's stand-in under torchrun
+        if args.images_list:
+            # The list's folder is the root: its photos keep relative paths, others absolute ones.
+            self.listing = os.path.realpath(args.images_list)
+            self.shown_root, self.root = os.path.dirname(args.images_list), os.path.dirname(self.listing)
+            name = f"list-{slug(os.path.splitext(os.path.basename(self.listing))[0], 30)}-" \
+                   f"{hashlib.sha1(self.listing.encode(errors='surrogateescape')).hexdigest()[:8]}"
+        elif args.images_dir:
             self.shown_root = args.images_dir
             self.root = os.path.realpath(args.images_dir)
             # The folder's name for people, a hash of its full path for uniqueness (two "photos" folders).
@@ -131,6 +198,11 @@ class Gallery:
         self.ix = GalleryIndex.open(self.path, encoder.fingerprint, self.root, encoder.dim,
                                     os.path.abspath(args.checkpoint), log)
         self.bias_fn = None
+        self.ann_path = os.path.splitext(self.path)[0] + ".ann"
+        self.ann, self.ann_dirty = None, False  # ann.AnnIndex, and whether it changed since saved
+        # Held while the approximate index is searched, changed or saved (FAISS's adds and removes
+        # must not meet a search: serve.py searches while it indexes).
+        self.ann_lock = threading.Lock()
 
     def make_bias_fn(self):
         """For GalleryIndex.update: gives photos their querybank bias; reads the caption bank once."""
@@ -142,21 +214,89 @@ class Gallery:
 
     def scan(self):
         """{relative path: (size, mtime_ns)} of the gallery's photos as they are now."""
+        if self.args.images_list:
+            return list_files(self.listing)
         if self.args.images_dir:
             return scan_folder(self.root)
         return flickr_files(self.root, gallery_images(self.data_dir, self.args.use_test_set))
 
     def update(self, ix, files):
         return ix.update(files, self.encoder, self.args.batch_size, self.args.num_workers,
-                         self.make_bias_fn if self.bank_key else None, self.bank_key)
+                         self.make_bias_fn if self.bank_key else None, self.bank_key, self.encode_files)
 
     def save(self, ix):
+        """Keep the index (and the approximate index, if it is ix's): written atomically."""
         try:
             os.makedirs(self.index_dir, exist_ok=True)
             ix.save(self.path)
         except OSError as e:
             log(f"warning: could not save the index to {self.path} ({e.strerror}); "
                 "pass --index_dir with a writable folder to keep it between runs.")
+        self.save_ann(ix)
+
+    def save_ann(self, ix):
+        with self.ann_lock:
+            if self.ann is None or not self.ann_dirty or self.ann.fingerprint != ann_key(ix):
+                return
+            try:
+                self.ann.save(self.ann_path)
+                self.ann_dirty = False
+            except OSError as e:
+                log(f"warning: could not save the approximate index to {self.ann_path} ({e.strerror}); "
+                    "it is built again next time.")
+
+    def uses_ann(self, ix):
+        return self.args.ann or len(ix) >= ANN_FROM
+
+    def approximate(self, ix, report, before, build=True):
+        """Bring the approximate index to `ix` after an update (`report`: GalleryIndex.update's) of
+        the index whose ann_key was `before`: the one in memory or on disk that matches `before`
+        drops the rows removed and takes the rows added (ann.py's remove and add); one that
+        matches neither, a rebias, or a gallery grown past what it was built for (needs_rebuild)
+        gets it built anew, unless not `build`. Returns it, or None when ix is searched exactly
+        (fewer than ANN_FROM photos without --ann, FAISS not installed without --ann, or none built).
+        Not saved: save_ann()."""
+        if not self.uses_ann(ix):
+            return None
+        try:
+            import ann
+        except ImportError as e:
+            if self.args.ann:
+                raise SystemExit(f"error: {e}")
+            log(f"note: {len(ix):,} photos are searched exactly; {e} for faster searches")
+            return None
+        key, cur = ann_key(ix), self.ann
+        if cur is None or cur.fingerprint not in (key, before):
+            cur = ann.load(self.ann_path, before, log) if os.path.exists(self.ann_path) else None
+        if cur is not None and cur.fingerprint != key:
+            why = ("the querybank biases changed" if report["rebiased"]
+                   else "the biases are new or gone" if cur.has_bias != (ix.bias is not None) else "")
+            if not why:
+                kept = np.asarray(report["kept"], np.int64)
+                with self.ann_lock:  # in place: a search meanwhile waits
+                    cur.remove(np.setdiff1d(np.arange(len(cur)), kept))
+                    cur.add(ix.emb[len(kept):], None if ix.bias is None else ix.bias[len(kept):])
+                    cur.fingerprint = key
+                why = f"it was built for {cur.n_built:,} photos and holds {len(cur):,}" if cur.needs_rebuild else ""
+            if why:
+                log(f"rebuilding the approximate index {self.ann_path}: {why}")
+                cur = None
+        if cur is None and not build:
+            return None
+        if cur is None:
+            from tqdm import tqdm
+            with tqdm(total=len(ix), desc="approximate index", unit="photo") as bar:
+                cur = ann.build(ix.emb, ix.bias, key, progress=bar.update)
+        with self.ann_lock:
+            self.ann_dirty = self.ann_dirty or cur is not self.ann or key != before
+            self.ann = cur
+        return cur
+
+    def hits(self, ix, q_emb, k, text, min_score=None, allowed=None):
+        """top_hits over ix, through the approximate index when it is ix's (else exactly)."""
+        with self.ann_lock:
+            ann = self.ann if self.ann is not None and self.ann.fingerprint == ann_key(ix) else None
+            return top_hits(ix, q_emb, k, text, min_score, allowed, ann)
 
 
 # A + or - with space (or the query's start) on both sides starts a term: "t-shirt" stays words.
@@ -227,9 +367,12 @@ def taken_between(ix, after=None, before=None):
     return allowed
 
 
-def top_hits(ix, q_emb, k, text, min_score=None, allowed=None):
+def top_hits(ix, q_emb, k, text, min_score=None, allowed=None, ann=None):
     """[(row, score), ...] best first, per query, at least min_score if given, among the rows
-    `allowed` (taken_between) if given. text: per query (or one for all), whether it holds words.
+    `allowed` (taken_between) if given, exactly or through `ann` (ann.AnnIndex of ix's rows: the
+    same exact scores, the rows chosen by the approximate index; with a date filter that leaves
+    fewer than ANN_FROM photos, those are searched exactly). text: per query (or one for all),
+    whether it holds words.
     The querybank bias corrects queries with words only: it measures how close a photo is to
     captions, the hubs that words' scores favour; a photo query meets no such hubs. A combined
     query with any words gets it (its words pull it towards the captions); one of photos alone
@@ -240,7 +383,9 @@ def top_hits(ix, q_emb, k, text, min_score=None, allowed=None):
         qs = [i for i, t in enumerate(text) if t == flag]
         if not qs:
             continue
-        scores, rows = ix.top_k(np.asarray(q_emb)[qs], k, bias=ix.bias if flag else None, allowed=allowed)
+        bias, q = ix.bias if flag else None, np.asarray(q_emb)[qs]
+        scores, rows = (ix.top_k(q, k, bias=bias, allowed=allowed) if ann is None
+                        else ann.search(q, k, ix.emb, bias, allowed, exact_below=ANN_FROM))
         for i, rr, ss in zip(qs, rows.tolist(), scores.tolist()):
             hits[i] = [(r, s) for r, s in zip(rr, ss) if min_score is None or s >= min_score]
     return hits

@@ -3,11 +3,14 @@ exact top-k search over them, in NumPy (no PyTorch: search runs on the ONNX expo
 
     python -c "import index; ix = index.GalleryIndex.load('models/index_best_all.npz'); print(len(ix))"
 
-Embeddings are stored as float16, 1 KB a photo at D=512, and searched exhaustively in chunks
-(no approximation); the top candidates of each chunk are rescored in float32. The index
-records a fingerprint of the checkpoint that made it (encoder.index_key), so embeddings of two
-models never mix. For a model trained with --querybank it also keeps each photo's querybank
-bias, which text queries' scores are lowered by (querybank_bias).
+Embeddings are stored as float16, 1 KB a photo at D=512, in a .npy file beside the index's .npz
+(index_X.npz names index_X.<generation>.npy), memory-mapped when loaded: a search reads the rows
+from the page cache and a gallery of millions need not fit in RAM (an update that changes rows
+holds them in RAM until saved). They are searched exhaustively in chunks (no approximation); the
+top candidates of each chunk are rescored in float32. The index records a fingerprint of the
+checkpoint that made it (encoder.index_key), so embeddings of two models never mix. For a model
+trained with --querybank it also keeps each photo's querybank bias, which text queries' scores
+are lowered by (querybank_bias).
 
 gallery.py builds on it: the photos and index file of a checkpoint's gallery, and its queries.
 """
@@ -24,12 +27,19 @@ import numpy as np
 from atomic import atomic_path
 from photos import IMAGE_EXTENSIONS, read_or_blank, taken_at
 
-INDEX_VERSION = 5  # 3: NumPy arrays in a .npz file, tied to the checkpoint file; 4: content fingerprints;
-# 5: when each photo was taken (a version 4 index is read, and its photos' dates added at its next update)
+INDEX_VERSION = 6  # 3: NumPy arrays in a .npz file, tied to the checkpoint file; 4: content fingerprints;
+# 5: when each photo was taken (a version 4 index is read, and its photos' dates added at its next update);
+# 6: the embeddings in a memory-mapped .npy beside it, and a generation token (4 and 5 are read, and
+# written as 6 at their next change)
 FINGERPRINT_BYTES = 64 << 10  # read from each end of a new or changed file to recognise a moved or copied photo
 NO_FINGERPRINT = bytes(16)  # of a file that could not be read: matches nothing
 CHUNK_ROWS = 16384  # 32 MB of float32 at D=512 per chunk: few enough chunks, small enough to stay in cache
 RESCORE_EXTRA = 16  # candidates kept beyond k for the float32 rescoring: room for float16 rounding
+
+
+def new_generation():
+    """A token that names one state of an index's rows."""
+    return os.urandom(8).hex()
 
 
 def querybank_bias(gallery, bank, scale, chunk=2048):
@@ -84,11 +94,11 @@ def content_fingerprint(path, size):
     return h.digest()
 
 
-def encode_image_files(encoder, paths, image_size, batch_size=32, num_workers=0):
+def encode_image_files(encoder, paths, image_size, batch_size=32, num_workers=0, progress=True):
     """Encode image files in order with encoder.encode_images, decoding them in `num_workers`
     threads (Pillow decodes without the GIL) a batch or two ahead. Returns (emb (M, D) float16 of
     the readable ones, errors: one string per file done, '' where it was read), and stops early on
-    Ctrl-C, so len(errors) < len(paths) means interrupted."""
+    Ctrl-C, so len(errors) < len(paths) means interrupted. progress: show a progress bar."""
     from tqdm import tqdm  # here: a search over an indexed gallery need not import it
     embs, errors = [np.empty((0, encoder.dim), np.float16)], []
     batches = iter([paths[i:i + batch_size] for i in range(0, len(paths), batch_size)])
@@ -100,7 +110,7 @@ def encode_image_files(encoder, paths, image_size, batch_size=32, num_workers=0)
         if batch is not None:
             ahead.append([pool.submit(read_or_blank, p, image_size) for p in batch])
     try:
-        with tqdm(total=len(paths), desc="indexing photos", unit="photo") as bar:
+        with tqdm(total=len(paths), desc="indexing photos", unit="photo", disable=not progress) as bar:
             for _ in range(2):
                 submit()
             while ahead:
@@ -138,6 +148,10 @@ class GalleryIndex:
         self.bias = None  # (N,) float32 querybank bias, subtracted from text queries' scores
         self.bank_key = ""  # which caption bank the biases come from ("": none)
         self.failed = {}  # unreadable files, {path: [size, mtime_ns, reason]}: retried once they change
+        # Changes whenever the rows do (update): what an approximate index (gallery.py) is tied to.
+        self.generation = new_generation()
+        self.version = INDEX_VERSION  # of the file it was read from: an older one is written anew at its update
+        self.emb_file = None  # the .npy that emb maps, once loaded or saved
 
     def __len__(self):
         return len(self.paths)
@@ -148,10 +162,18 @@ class GalleryIndex:
         try:
             with np.load(path, allow_pickle=False) as data:  # arrays only: a file cannot run code
                 meta = json.loads(data["meta"].tobytes())
-                if meta.get("version") not in (4, INDEX_VERSION):
+                if meta.get("version") not in (4, 5, INDEX_VERSION):
                     return None
-                ix = cls(meta["fingerprint"], meta["root"], data["embeddings"].shape[1], meta["checkpoint"])
-                ix.emb, ix.stats, ix.fps = data["embeddings"], data["stats"], data["fingerprints"]
+                if meta["version"] == INDEX_VERSION:
+                    emb_file = os.path.join(os.path.dirname(os.path.abspath(path)), meta["embeddings"])
+                    emb = np.load(emb_file, mmap_mode="r", allow_pickle=False)  # read as searches touch it
+                    if emb.dtype != np.float16 or emb.ndim != 2:
+                        return None
+                else:
+                    emb_file, emb = None, data["embeddings"]
+                ix = cls(meta["fingerprint"], meta["root"], emb.shape[1], meta["checkpoint"])
+                ix.version, ix.generation, ix.emb_file = meta["version"], meta.get("generation", ""), emb_file
+                ix.emb, ix.stats, ix.fps = emb, data["stats"], data["fingerprints"]
                 ix.taken = data["taken"] if "taken" in data else None
                 ix.bias = data["bias"] if "bias" in data else None
                 # One NUL-joined string, not a list: a million small strings would be slow to store.
@@ -187,18 +209,35 @@ class GalleryIndex:
         return new
 
     def save(self, path):
-        """Write atomically: a crash mid-write leaves the previous index intact."""
+        """Write atomically: the embeddings to a .npy named by the generation, then the .npz that
+        names it, so a crash at any point leaves the previous index whole (at worst a .npy that
+        nothing names). The previous generation's .npy is then removed, and emb maps the new one."""
+        folder = os.path.dirname(os.path.abspath(path))
+        name = f"{os.path.splitext(os.path.basename(path))[0]}.{self.generation}.npy"
+        emb_file = os.path.join(folder, name)
+        if emb_file != self.emb_file or not os.path.exists(emb_file):
+            with atomic_path(emb_file) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.asarray(self.emb, np.float16))  # a memory map is copied page by page
         meta = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "root": self.root,
-                "checkpoint": self.checkpoint, "failed": self.failed, "bank_key": self.bank_key}
-        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), "embeddings": self.emb,
+                "checkpoint": self.checkpoint, "failed": self.failed, "bank_key": self.bank_key,
+                "generation": self.generation, "embeddings": name}
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
                   "stats": self.stats, "fingerprints": self.fps, "taken": self.dates(),
                   "paths": np.frombuffer("\0".join(self.paths).encode("utf-8", "surrogateescape"), np.uint8)}
         if self.bias is not None:
             arrays["bias"] = self.bias
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a name
             np.savez(f, **arrays)
+        if self.emb_file not in (None, emb_file):
+            try:
+                os.remove(self.emb_file)  # a search still mapping it keeps reading it (POSIX)
+            except OSError:
+                pass  # gone already, or mapped on Windows: it stays behind, unused
+        self.emb_file, self.version = emb_file, INDEX_VERSION
+        self.emb = np.load(emb_file, mmap_mode="r")  # the same values, out of RAM
 
-    def update(self, files, encoder, batch_size=32, num_workers=0, make_bias_fn=None, bank_key=""):
+    def update(self, files, encoder, batch_size=32, num_workers=0, make_bias_fn=None, bank_key="",
+               encode_files=None):
         """Match the index to `files` ({relative path: (size, mtime_ns)} under root): drop photos
         that are gone, embed new and changed ones: a photo whose content the index holds (moved,
         renamed, copied: content_fingerprint) takes its embedding, exact duplicates are encoded
@@ -206,9 +245,11 @@ class GalleryIndex:
         bias_fn(emb (M, D)) -> (M,) gives photos their querybank bias from the caption bank named
         `bank_key`; it is called before the encoding, so that a Ctrl-C while it prepares (encodes
         the caption bank) loses no photo encoded. Biases of another bank (or none) are computed
-        again from the stored embeddings: no photo is decoded for that. Returns counts and the
-        unreadable files: {"added", "updated", "removed", "reused", "failed": [(path, reason)],
-        "interrupted", "changed"}."""
+        again from the stored embeddings: no photo is decoded for that. encode_files:
+        encode_image_files (the default) or what stands in for it (shard.py's, which spreads the
+        files over processes). Returns counts and the unreadable files: {"added", "updated",
+        "removed", "reused", "failed": [(path, reason)], "interrupted", "changed", "kept",
+        "rebiased"}."""
         old_stats, n_failed = self.stats.tolist(), len(self.failed)
         keep = [i for i, p in enumerate(self.paths) if list(files.get(p, ())) == old_stats[i]]
         self.failed = {p: v for p, v in self.failed.items() if list(files.get(p, ())) == v[:2]}
@@ -231,7 +272,7 @@ class GalleryIndex:
         done, reused = [], 0
         if todo:
             done, emb, fps, errors, interrupted, reused = self._embed(todo, files, held, encoder, batch_size,
-                                                                      num_workers)
+                                                                      num_workers, encode_files or encode_image_files)
             if bias_fn is not None:  # before anything changes: rows, paths and biases stay aligned
                 old = np.empty(0, np.float32) if self.bias is None else self.bias
                 self.bias = np.concatenate([old, bias_fn(emb)])
@@ -246,7 +287,12 @@ class GalleryIndex:
                   "removed": removed, "reused": reused, "interrupted": interrupted}
         report["failed"] = sorted((p, v[2]) for p, v in self.failed.items())
         report["changed"] = (bool(todo) or rebiased or undated or len(keep) < len(old_stats)
-                             or len(self.failed) < n_failed)
+                             or len(self.failed) < n_failed or self.version < INDEX_VERSION)
+        # How the rows moved, for an approximate index to follow: the old rows `kept` (in order) are
+        # rows 0.., the new ones follow; `rebiased`: every row's bias changed.
+        report["kept"], report["rebiased"] = keep, rebiased
+        if report["changed"]:
+            self.generation = new_generation()
         return report
 
     def dates(self):
@@ -268,7 +314,7 @@ class GalleryIndex:
         held.pop(NO_FINGERPRINT, None)
         return held
 
-    def _embed(self, todo, files, held, encoder, batch_size, num_workers):
+    def _embed(self, todo, files, held, encoder, batch_size, num_workers, encode_files):
         """Embed the files `todo`: from `held` by content fingerprint, else encoded, each content
         once. Returns (paths done, their emb (M, D) float16 and fingerprints (M, 16), {path: why
         unreadable}, interrupted, how many were not encoded: reused or duplicates)."""
@@ -278,8 +324,8 @@ class GalleryIndex:
         for p, key in zip(todo, keys):
             first.setdefault(key, p)
         encode = [key for key in first if key not in held]
-        emb, errors = encode_image_files(encoder, [os.path.join(self.root, first[k]) for k in encode],
-                                         encoder.image_size, batch_size, num_workers)
+        emb, errors = encode_files(encoder, [os.path.join(self.root, first[k]) for k in encode],
+                                   encoder.image_size, batch_size, num_workers)
         got = dict(zip([k for k, e in zip(encode, errors) if not e], emb))
         why = {k: e for k, e in zip(encode, errors) if e}
         done, rows, reused, failed = [], [], 0, {}

@@ -7,13 +7,18 @@
     python search.py --images_dir ~/Pictures --queries queries.txt --json > hits.json
     python search.py --images_dir ~/Pictures --query "a beach + ~/Pictures/dog.jpg - 2:people"
     python search.py --images_dir ~/Pictures --query cat --min_score 0.25 --paths | xargs -d '\n' cp -t ~/cats
+    python search.py --images_list archive.txt --index_only          # index the photos a file lists
+    torchrun --nproc_per_node 4 search.py --images_dir /archive --index_only   # encoding in 4 processes
 
 The gallery is the checkpoint's Flickr8K photos or, with --images_dir, any folder of photos
-(searched recursively). Its embeddings live in an index file beside the checkpoint
-(index_<checkpoint>_<gallery>.npz, or in --index_dir); each run encodes only photos that are new
-or changed since the last, so a query costs one text or image encoding and one pass over the index.
-The model runs from its ONNX export on onnxruntime when there is a current one (export.py), else
-on PyTorch (encoder.py).
+(searched recursively), or with --images_list the photos a file lists. Its embeddings live in an
+index file beside the checkpoint (index_<checkpoint>_<gallery>.npz and its .npy, or in
+--index_dir); each run encodes only photos that are new or changed since the last, so a query costs
+one text or image encoding and one pass over the index. From gallery.ANN_FROM photos on (or with
+--ann) a FAISS index beside it (.ann) picks the candidates instead of that pass (gallery.py,
+ann.py). The model runs from its ONNX export on onnxruntime when there is a current one
+(export.py), else on PyTorch (encoder.py). Under torchrun (--index_only) the photos' encoding is
+spread over the processes (shard.py).
 """
 
 import argparse
@@ -25,11 +30,13 @@ import textwrap
 import warnings
 
 import encoder
+import shard
 from cli import iso_date, positive_int
 from gallery import (
     Gallery,
     Term,
     add_gallery_args,
+    ann_key,
     check_gallery_args,
     embed_queries,
     log,
@@ -38,7 +45,6 @@ from gallery import (
     result_rows,
     slug,
     taken_between,
-    top_hits,
 )
 from photos import IMAGE_EXTENSIONS, open_rgb, read_image
 
@@ -48,11 +54,13 @@ MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file besid
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # query: exactly one kind
-    q = p.add_mutually_exclusive_group(required=True)
+    q = p.add_mutually_exclusive_group(required=True)  # or --index_only: no query
     q.add_argument("--query", help="what to look for: words, a photo's path, or terms combined with + and - "
                                    "('a beach + dog.jpg - 2:people')")
     q.add_argument("--image", help="find the photos most like this photo")
     q.add_argument("--queries", help="text file of queries, one per line ('-': standard input); saves no grids")
+    q.add_argument("--index_only", action="store_true",
+                   help="bring the gallery's index up to date and exit, no query (under torchrun: the only mode)")
     p.add_argument("--top_k", type=positive_int, default=9, help="how many photos to return per query")
     p.add_argument("--min_score", type=float, default=None, help="keep only the hits scoring at least this")
     p.add_argument("--after", type=iso_date, default=None,
@@ -149,14 +157,41 @@ def save_grid(paths, scores, out_path, title, query_image=None, show=False):
     plt.close(fig)
 
 
-def index_gallery(gallery):
-    """Bring the gallery's index up to date and save it. Returns (index, whether Ctrl-C cut the
+def index_gallery(gallery, encoded=None):
+    """Bring the gallery's index up to date and save it, then the approximate index if the gallery
+    uses one (gallery.ANN_FROM, --ann). encoded(): called once the photos are encoded (shard.stop,
+    which frees the other processes of a sharded run). Returns (index, whether Ctrl-C cut the
     indexing short)."""
+    before = ann_key(gallery.ix)
     report = gallery.update(gallery.ix, gallery.scan())
+    if encoded is not None:
+        encoded()
     if report["changed"] or not os.path.exists(gallery.path):
-        gallery.save(gallery.ix)
+        gallery.save(gallery.ix)  # first: a Ctrl-C while the approximate index is built loses no photo
     report_index(gallery.ix, report, gallery.path)
+    # Interrupted, it follows the update (quick) but is not built anew: the next run does that.
+    gallery.approximate(gallery.ix, report, before, build=not report["interrupted"])
+    gallery.save_ann(gallery.ix)
     return gallery.ix, report["interrupted"]
+
+
+def index_sharded(args):
+    """--index_only under torchrun: every process encodes a share of the photos, rank 0 keeps the index."""
+    rank, world, device = shard.start(args.device)
+    try:
+        # The export runs on the CPU only: processes with a GPU each encode on theirs with PyTorch.
+        runtime = "torch" if device.startswith("cuda") and args.runtime == "auto" else args.runtime
+        model = encoder.load(args.checkpoint, runtime, device)
+        if rank > 0:
+            shard.serve(model, args.batch_size, args.num_workers)
+            return 0
+        gallery = Gallery(args, model)
+        gallery.encode_files = shard.encode_files
+        ix, _ = index_gallery(gallery, shard.stop)
+        log(f"index {gallery.path}: {len(ix)} photos, encoded by {world} processes")
+        return 0
+    finally:
+        shard.finish()
 
 
 def print_results(labels, results, n, photos_only, args):
@@ -207,21 +242,30 @@ def embed(model, args, labels, image_size):
 
 def main(argv=None):
     args = get_args(argv)
+    if shard.active():
+        if not args.index_only:
+            raise SystemExit("error: under torchrun search.py only indexes: pass --index_only, then search "
+                             "with one process")
+        return index_sharded(args)
     labels = read_queries(args.queries) if args.queries else [args.query or args.image]
     model = encoder.load(args.checkpoint, args.runtime, args.device)
     gallery = Gallery(args, model)
-    queries, q_emb, text = embed(model, args, labels, gallery.image_size)  # before indexing: a bad query fails at once
+    if not args.index_only:  # before indexing: a bad query fails at once
+        queries, q_emb, text = embed(model, args, labels, gallery.image_size)
     ix, interrupted = index_gallery(gallery)
     shown_root = gallery.shown_root
     if interrupted:
         log(f"interrupted: {len(ix)} photos indexed and saved; run again to index the rest.")
         return 130
+    if args.index_only:
+        log(f"index {gallery.path}: {len(ix)} photos")
+        return 0
     if not len(ix):
         raise SystemExit(f"error: no readable photos in {shown_root} (searched recursively for "
                          f"{' '.join(IMAGE_EXTENSIONS)}).")
     results = [[(os.path.join(shown_root, ix.paths[r]), s) for r, s in hits]
-               for hits in top_hits(ix, q_emb, args.top_k, text, args.min_score,
-                                    taken_between(ix, args.after, args.before))]
+               for hits in gallery.hits(ix, q_emb, args.top_k, text, args.min_score,
+                                        taken_between(ix, args.after, args.before))]
     print_results(labels, results, len(ix), [not t for t in text], args)
     if args.json or args.paths or args.queries:
         return 0

@@ -44,6 +44,7 @@ from gallery import (
     Gallery,
     Term,
     add_gallery_args,
+    ann_key,
     check_gallery_args,
     embed_queries,
     log,
@@ -51,7 +52,6 @@ from gallery import (
     readable,
     result_rows,
     taken_between,
-    top_hits,
 )
 from photos import IMAGE_EXTENSIONS, open_rgb, read_or_blank
 
@@ -116,6 +116,7 @@ class Library:
         files = self.gallery.scan() if files is None else files
         self.total = len(files)
         ix = self.ix
+        before = ann_key(ix)
         known = set(ix.paths) | set(ix.failed)
         base = {p: v for p, v in files.items() if p in known}
         new = sorted(p for p in files if p not in known)
@@ -125,7 +126,9 @@ class Library:
         for i in range(0, max(len(new), 1), STEP):
             ix = ix.copy()
             report = self.gallery.update(ix, {**base, **{p: files[p] for p in new[:i + STEP]}})
-            self.ix, changed = ix, changed or report["changed"]
+            # The approximate index follows first; searches of the previous ix meanwhile run exactly.
+            self.gallery.approximate(ix, report, before)
+            self.ix, changed, before = ix, changed or report["changed"], ann_key(ix)
             if changed and (time.monotonic() - saved > SAVE_EVERY or i + STEP >= len(new)):
                 self.gallery.save(ix)
                 saved, changed = time.monotonic(), False
@@ -133,6 +136,7 @@ class Library:
                 break
         if changed or not os.path.exists(self.gallery.path):
             self.gallery.save(ix)
+        self.gallery.save_ann(ix)
         log(f"index {self.gallery.path}: {len(ix)} photos, {len(ix.failed)} unreadable")
 
     def search(self, label, q_emb, k, text, ix=None, min_score=None, after=None, before=None):
@@ -140,7 +144,7 @@ class Library:
         number for /thumb and /photo, and the indexing progress. min_score, after, before: as
         search.py's flags (None: not given)."""
         ix = self.ix if ix is None else ix
-        hits = top_hits(ix, q_emb, k, text, min_score, taken_between(ix, after, before))[0]
+        hits = self.gallery.hits(ix, q_emb, k, text, min_score, taken_between(ix, after, before))[0]
         rows = result_rows([label], [[(os.path.join(self.gallery.shown_root, ix.paths[r]), s) for r, s in hits]])
         for row, (r, _) in zip(rows, hits):
             row["id"] = r
@@ -152,7 +156,7 @@ class Library:
         if not text.lower().endswith(IMAGE_EXTENSIONS):
             return None
         for root in (self.gallery.shown_root, ix.root):
-            if text.startswith(root.rstrip("/") + "/"):
+            if root and text.startswith(root.rstrip("/") + "/"):
                 text = text[len(root.rstrip("/")) + 1:]
                 break
         try:
@@ -200,12 +204,13 @@ class Library:
 
     def photo_path(self, row):
         """The real path of an indexed photo, or None: rows outside the index, and links that lead
-        out of the folder, are refused."""
+        out of the folder, are refused (a list file's photos are where the list says)."""
         ix = self.ix
         if not 0 <= row < len(ix):
             return None
         path = os.path.realpath(os.path.join(ix.root, ix.paths[row]))
-        if os.path.commonpath([path, ix.root]) != ix.root or not os.path.isfile(path):
+        outside = os.path.commonpath([path, ix.root]) != ix.root and not self.gallery.args.images_list
+        if outside or not os.path.isfile(path):
             return None
         return path
 

@@ -75,6 +75,33 @@ def test_bias_is_subtracted_as_in_exact_search():
         ann.build(emb, fingerprint="fp").search(q, 10, emb, bias)
 
 
+def test_allowed_rows_exactly_when_few_else_through_the_id_filter():
+    emb, q = clustered(3000), queries(50)
+    bias = np.random.default_rng(2).uniform(0, 0.5, len(emb)).astype(np.float32)
+    ix = ann.build(emb, bias, fingerprint="fp")
+    allowed = np.random.default_rng(5).random(len(emb)) < 0.1  # a date filter keeping a tenth
+    ok = np.flatnonzero(allowed)
+    truth, s = brute_top(emb[ok], q, 10, bias[ok])
+    truth, s = ok[truth], np.take_along_axis(s, truth, 1)
+    # Fewer allowed rows than exact_below: all of them scored, the brute-force answer.
+    scores, rows = ix.search(q, 10, emb, bias, allowed, exact_below=len(ok) + 1)
+    assert rows.tolist() == truth.tolist()
+    np.testing.assert_allclose(scores, s, rtol=0, atol=1e-5)
+    # Through FAISS's filter, with few lists visited: only allowed rows, and more lists visited for
+    # a filter that keeps few, so recall holds (4 of 64 lists would find about half of them).
+    ix.nprobe = 4
+    scores, rows = ix.search(q, 10, emb, bias, allowed)
+    assert allowed[rows].all() and recall(rows, truth) >= 0.9
+    np.testing.assert_allclose(scores, (q[:, None, :] @ emb[rows].astype(np.float32).transpose(0, 2, 1))[:, 0]
+                               - bias[rows], rtol=0, atol=1e-5)
+    # Fewer allowed rows than k: all of them, either way.
+    few = np.zeros(len(emb), bool)
+    few[[5, 77, 2999]] = True
+    for exact_below in (0, 10):
+        rows = ix.search(q[:2], 10, emb, None, few, exact_below=exact_below)[1]
+        assert rows.shape == (2, 3) and all(sorted(r) == [5, 77, 2999] for r in rows.tolist())
+
+
 def test_add_and_remove_keep_gallery_row_numbers():
     emb, q = clustered(3000), queries(30)
     ix = ann.build(emb[:2000], fingerprint="fp")
