@@ -1,7 +1,7 @@
 """A trained checkpoint as search.py and serve.py use it: texts and photos in, L2-normalised
 embeddings out. From its ONNX export on onnxruntime (no PyTorch: a small install and a fast cold
-start) when the export is current for the checkpoint, else from the checkpoint on PyTorch. Also
-writes the export (export.py; train.py when training ends). Example:
+start) when the export is current for the checkpoint, else from the checkpoint on PyTorch
+(export.py writes the export). Example:
 
     python -c "import encoder; e = encoder.load('models/fast/best.pt'); print(e.encode_texts(['a dog']).shape)"
 
@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -27,7 +26,6 @@ from atomic import read_keyed, write_keyed
 EXPORT_VERSION = 1
 MAX_LENGTH = 64  # tokens per caption, as dataset.tokenize truncates in training
 TEXT_BATCH = 256  # captions per onnxruntime call
-MIN_COSINE = 0.9999  # an export must give the checkpoint's embeddings to this cosine, or it is not written
 
 
 def log(msg):
@@ -267,142 +265,3 @@ def load(checkpoint, runtime="auto", device="auto", int8=False):
         elif not missing:
             log(f"warning: {problem}; searching with PyTorch meanwhile.")
     return TorchEncoder(checkpoint, device)
-
-
-# ---------------------------------------------------------------------------- writing an export
-
-def write_export(checkpoint, int8=False, data_dir=None):
-    """Export a checkpoint (see the module docstring) and check it against PyTorch; returns the
-    folder. data_dir: where the training captions of a querybank checkpoint are (default: its
-    args' data_dir); without them the export ranks by cosine similarity, with a warning."""
-    import torch
-
-    from checkpoint import eval_image_size, load_model
-    from retrieval import caption_bank
-    model, tokenizer, ckpt = load_model(checkpoint, torch.device("cpu"))  # a clear error for a bad file
-    st, sha = os.stat(checkpoint), file_sha256(checkpoint)
-    model.amp = False  # fp32 graphs, and the fp32 embeddings they must match
-    args = ckpt["args"]
-    folder = export_dir(checkpoint)
-    tmp = f"{folder}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the export beside {checkpoint} ({e.strerror}); copy the checkpoint "
-                         "(and its tokenizer folder) to a folder you can write and export it there.")
-    try:
-        size = eval_image_size(args)
-        _export_graphs(model, tokenizer, tmp, size)
-        if int8:
-            _quantise(tmp)
-        tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))  # what the tokenizers library reads
-        querybank = False
-        if args.get("querybank"):
-            data_dir = data_dir or args.get("data_dir") or ""
-            if os.path.isfile(os.path.join(data_dir, "captions.csv")):
-                np.save(os.path.join(tmp, "querybank.npy"),
-                        caption_bank(model, tokenizer, data_dir, torch.device("cpu")).half().numpy())
-                querybank = True
-            else:
-                log(f"warning: {checkpoint} ranks with querybank normalisation, but its training captions "
-                    f"({os.path.join(data_dir, 'captions.csv')}) are not here: the export ranks by cosine "
-                    "similarity. Pass --data_dir to include them.")
-        meta = {"version": EXPORT_VERSION, "args": args, "image_size": size, "flip": bool(args.get("eval_flip")),
-                "dim": model.image_proj.out_features, "mean": (model.mean[0, :, 0, 0] / 255).tolist(),
-                "std": (model.std[0, :, 0, 0] / 255).tolist(), "logit_scale": model.logit_scale.exp().item(),
-                "pad_id": tokenizer.pad_token_id, "querybank": querybank, "int8": int8,
-                "checkpoint": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha},
-                "files": {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}}
-        with open(os.path.join(tmp, "export.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-        _check(model, tokenizer, tmp, checkpoint, size)
-        old = f"{folder}.{os.getpid()}.old"
-        if os.path.isdir(folder):
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def _export_graphs(model, tokenizer, folder, size):
-    import warnings
-
-    import torch
-    import torch.nn.functional as F
-
-    from dataset import tokenize
-
-    class Text(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.m._encode_texts(input_ids, attention_mask)
-
-    class Image(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, images):
-            return F.normalize(self.m.image_proj(self.m.image_tower(images).float()), dim=-1)
-
-    # Padding in the example: with a mask of all ones transformers would leave masking out of the graph.
-    tokens = tokenize(tokenizer, ["a photo", "a dog running through the snow beside a frozen lake"])
-    ids, mask = tokens["input_ids"], tokens["attention_mask"]
-    with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript exporter, not the torch.export one: for these two fixed graphs it writes
-        # the same operators in a tenth of the time (seconds, not minutes, at the end of training).
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Text().eval(), (ids, mask), os.path.join(folder, "text.onnx"), dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["txt_emb"], opset_version=17,
-                          dynamic_axes={"input_ids": {0: "batch", 1: "length"},
-                                        "attention_mask": {0: "batch", 1: "length"}, "txt_emb": {0: "batch"}})
-        torch.onnx.export(Image().eval(), (torch.zeros(2, 3, size, size),), os.path.join(folder, "image.onnx"),
-                          dynamo=False, input_names=["images"], output_names=["img_emb"], opset_version=17,
-                          dynamic_axes={"images": {0: "batch"}, "img_emb": {0: "batch"}})
-
-
-def _quantise(folder):
-    """text.int8.onnx and image.int8.onnx beside the fp32 graphs: weights in int8, activations
-    quantised on the fly (onnxruntime's dynamic quantisation)."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the model first, once per graph
-    for part in ("text", "image"):
-        quantize_dynamic(os.path.join(folder, f"{part}.onnx"), os.path.join(folder, f"{part}.int8.onnx"),
-                         weight_type=QuantType.QInt8)
-
-
-def _check(model, tokenizer, folder, checkpoint, size):
-    """Refuse an export whose graphs do not give the checkpoint's embeddings (min cosine over a
-    few captions and photos below MIN_COSINE); report the int8 graphs' agreement."""
-    import torch
-
-    from dataset import tokenize
-    texts = ["a dog running through snow", "two children play on a beach beside the water", "a",
-             "a man in a red jacket climbs a rock face while another holds the rope below him"]
-    images = np.random.default_rng(0).integers(0, 256, (3, 3, size, size), dtype=np.uint8)
-    with torch.no_grad():
-        tokens = tokenize(tokenizer, texts)
-        want_txt = model.encode_texts(tokens["input_ids"], tokens["attention_mask"]).numpy()
-        want_img = model.encode_images(torch.from_numpy(images)).numpy()
-    mean, std = (model.mean[0, :, 0, 0] / 255).tolist(), (model.std[0, :, 0, 0] / 255).tolist()
-    for suffix in (".onnx", ".int8.onnx"):
-        if not os.path.isfile(os.path.join(folder, "text" + suffix)):
-            break
-        got_txt = session(os.path.join(folder, "text" + suffix)).run(None, {"input_ids": tokens["input_ids"].numpy(),
-                                                   "attention_mask": tokens["attention_mask"].numpy()})[0]
-        got_img = session(os.path.join(folder, "image" + suffix)).run(None, {"images": normalise(images, mean, std)})[0]
-        cos = min(float((want_txt * got_txt).sum(1).min()), float((want_img * got_img).sum(1).min()))
-        if suffix != ".onnx":
-            log(f"int8 graphs: min cosine to PyTorch fp32 {cos:.4f}")
-        elif cos < MIN_COSINE:
-            raise SystemExit(f"error: the export of {checkpoint} does not reproduce its embeddings (min cosine "
-                             f"{cos:.6f} < {MIN_COSINE}); nothing was written. Please report this with the "
-                             "checkpoint's image_encoder and text_encoder.")

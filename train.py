@@ -37,7 +37,7 @@ from checkpoint import (
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import AugmentedImages, Collate, EvalSplit, PairDataset, read_captions
 from device import keep_freed_memory, pick_device, precision_summary
-from encoder import write_export
+from export import write_export
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import LITE_MODELS, gather_batch, info_nce, load_tokenizer
 from retrieval import evaluate_split, format_metrics
@@ -313,7 +313,7 @@ def run(args, device):
 
 
 def export(best):
-    """Export best.pt for search (encoder.write_export); a failure costs a warning, not the run."""
+    """Export best.pt for search (export.write_export); a failure costs a warning, not the run."""
     try:
         print(f"exported {best} for search: {write_export(best)}")
     except (Exception, SystemExit) as e:  # the training's result is saved whatever happens here

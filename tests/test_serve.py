@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from tiny import make_checkpoint, photo
 
+import library as library_module
 import search
 import serve
 
@@ -162,7 +163,7 @@ def test_indexing_in_steps_while_searching(tiny_data, tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "m" / "best.pt", os.path.join(tiny_data, "text_encoder"), 0)
     photos = tmp_path / "photos"
     photo(photos / "first.jpg", 0)
-    monkeypatch.setattr(serve, "STEP", 2)
+    monkeypatch.setattr(library_module, "STEP", 2)
     server, library = start(tmp_path, photos, ckpt)
     try:
         library.indexing.join()
