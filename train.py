@@ -13,6 +13,7 @@ over the global batch of N*B pairs; only rank 0 validates and writes.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -35,13 +36,12 @@ from checkpoint import (
     save_checkpoint,
 )
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
-from dataset import AugmentedImages, Collate, EvalSplit, PairDataset, read_captions
+from dataset import AugmentedImages, Collate, EvalSplit, PairDataset, epoch_order, read_captions, shard_order
 from device import keep_freed_memory, pick_device, precision_summary
 from encoder import write_export
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import LITE_MODELS, gather_batch, info_nce, load_tokenizer
 from retrieval import evaluate_split, format_metrics
-from schedule import epoch_order, lr_factor, shard_order
 
 
 def get_args(argv=None):
@@ -148,6 +148,14 @@ def frozen_modules(model, args):
     if args.freeze_text_layers >= 0:
         modules += model.text_trunk_modules(args.freeze_text_layers)
     return modules
+
+
+def lr_factor(step, warmup, total):
+    """Linear warm-up to 1, then cosine decay to 0 at `total` steps: a pure function of the step,
+    so a resumed run replays it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 @torch.no_grad()

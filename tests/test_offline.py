@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny import train_argv
 
+import dataset
 import model
 import train
 
@@ -16,19 +17,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_epoch_order_one_caption_covers_each_photo_once_and_is_deterministic():
     image_ids = [i for i in range(7) for _ in range(5)]  # 7 photos, 5 captions each
-    order = train.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
+    order = dataset.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
     assert sorted(image_ids[i] for i in order) == list(range(7))
-    assert order == train.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
-    epochs = [train.epoch_order(image_ids, 3, e, 1) for e in range(6)]
+    assert order == dataset.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
+    epochs = [dataset.epoch_order(image_ids, 3, e, 1) for e in range(6)]
     assert len({tuple(sorted(o)) for o in epochs}) > 1  # other epochs draw other captions
 
 
 def test_epoch_order_k_captions_and_all():
     image_ids = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
-    two = train.epoch_order(image_ids, 0, 0, captions_per_image=2)
+    two = dataset.epoch_order(image_ids, 0, 0, captions_per_image=2)
     assert len(set(two)) == len(two) == 6
     assert sorted(image_ids[i] for i in two) == [0, 0, 1, 1, 2, 2]
-    everything = train.epoch_order(image_ids, 0, 0)
+    everything = dataset.epoch_order(image_ids, 0, 0)
     assert sorted(everything) == list(range(10))
     # captions_per_image=0 is the old shuffle, so runs resumed across this change replay it.
     assert everything == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
