@@ -1,4 +1,5 @@
-"""Encoding galleries and captions, and the retrieval metrics shared by train.py and evaluate.py.
+"""Encoding galleries and captions, and the retrieval metrics shared by train.py and evaluate.py;
+the frozen image blocks' output on a split's photos, which train.py computes once.
 
     python -c "import retrieval, torch; print(retrieval.recall_metrics(torch.eye(3), torch.eye(3), torch.arange(3)))"
 
@@ -8,12 +9,14 @@ as the target ranks above it), so duplicate photos never flatter the figures.
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import index
 from atomic import read_keyed, write_keyed
-from dataset import EvalSplit, read_captions, tokenize
+from dataset import AugmentedImages, EvalSplit, read_captions, tokenize
+from interrupt import held, ignore_sigterm
 
 KS = (1, 5, 10)
 
@@ -52,6 +55,63 @@ def encode_texts(model, tokenizer, texts, device, batch_size=256, desc="encoding
         out.append(model.encode_texts(tokens["input_ids"].to(device),
                                       tokens["attention_mask"].to(device)).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def cache_image_trunk(model, train_set, n_blocks, views, num_workers, device, batch_size=64):
+    """(views, photos, C, h, w) float16 CPU: the frozen first n_blocks of the image tower on
+    `views` augmented crops of every training photo, computed once (the frozen blocks hold most
+    of the tower's compute, at full resolution)."""
+    model.eval()
+    cache = None
+    for v in range(views):
+        loader = DataLoader(AugmentedImages(train_set, v), batch_size=batch_size, num_workers=num_workers,
+                            worker_init_fn=ignore_sigterm)
+        start = 0
+        for images in tqdm(held(loader), desc=f"caching image features, view {v + 1}/{views}", unit="batch",
+                           total=len(loader)):
+            feats = model.image_trunk(images.to(device), n_blocks).float().cpu()  # (B, C, h, w)
+            if cache is None:
+                cache = torch.empty((views, len(train_set.images), *feats.shape[1:]), dtype=torch.float16)
+            cache[v, start:start + len(feats)] = feats
+            start += len(feats)
+    model.train()
+    return cache
+
+
+VAL_CACHE_BYTES = 1 << 30  # Flickr8K val, all 16 Lite0 blocks at 256 px with the mirror image: 0.16 GB
+
+
+@torch.no_grad()
+def cache_val_trunk(model, n_blocks, data_dir, image_size, flip, device, batch_size=64):
+    """(views, photos, C, h, w) float32 CPU: the frozen image blocks' output on every val photo
+    (EvalSplit order) at the evaluation size, and on its mirror image with flip, computed once so
+    each epoch's validation runs only the tuned top of the image tower (exactly the embeddings
+    evaluate.py gets: frozen blocks are in eval mode). None if that would take over
+    VAL_CACHE_BYTES (early blocks' output is large: validation then encodes the photos every epoch)."""
+    data = EvalSplit(data_dir, "val", image_size)
+    was_training = model.training
+    model.eval()
+    one = model.image_trunk(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), n_blocks)
+    views = None
+    if one.numel() * 4 * len(data.images) * (1 + flip) <= VAL_CACHE_BYTES:
+        loader = DataLoader(data.image_dataset, batch_size=batch_size)
+        views = torch.stack([torch.cat([model.image_trunk((x.flip(-1) if mirror else x).to(device), n_blocks)
+                                        .float().cpu() for x in tqdm(loader, desc="caching val photos",
+                                                                     unit="batch", leave=False)])
+                             for mirror in (False, True)[:1 + flip]])
+    model.train(was_training)
+    return views
+
+
+@torch.no_grad()
+def val_image_embeddings(model, trunk, n_blocks, device, batch_size=64):
+    """(photos, D): the val photos' embeddings from cache_val_trunk's blocks (averaged over the
+    mirror image when it holds two views), as encode_images(photos, flip) gives them; the model
+    must be in eval mode (the tuned blocks' BatchNorm)."""
+    emb = sum(torch.cat([model.encode_image_trunk(f.to(device), n_blocks).cpu() for f in view.split(batch_size)])
+              for view in trunk)
+    return F.normalize(emb, dim=-1)
 
 
 def rank_summary(ranks):

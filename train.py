@@ -20,7 +20,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -36,12 +35,12 @@ from checkpoint import (
     save_checkpoint,
 )
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
-from dataset import AugmentedImages, Collate, EvalSplit, PairDataset, epoch_order, read_captions, shard_order
+from dataset import Collate, PairDataset, epoch_order, read_captions, shard_order
 from device import keep_freed_memory, pick_device, precision_summary
 from encoder import write_export
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import LITE_MODELS, gather_batch, info_nce, load_tokenizer
-from retrieval import evaluate_split, format_metrics
+from retrieval import cache_image_trunk, cache_val_trunk, evaluate_split, format_metrics, val_image_embeddings
 
 
 def get_args(argv=None):
@@ -158,63 +157,6 @@ def lr_factor(step, warmup, total):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-@torch.no_grad()
-def cache_image_trunk(model, train_set, n_blocks, views, batch_size, num_workers, device):
-    """(views, photos, C, h, w) float16 CPU: the frozen first n_blocks of the image tower on
-    `views` augmented crops of every training photo, computed once (the frozen blocks hold most
-    of the tower's compute, at full resolution)."""
-    model.eval()
-    cache = None
-    for v in range(views):
-        loader = DataLoader(AugmentedImages(train_set, v), batch_size=batch_size, num_workers=num_workers,
-                            worker_init_fn=ignore_sigterm)
-        start = 0
-        for images in tqdm(held(loader), desc=f"caching image features, view {v + 1}/{views}", unit="batch",
-                           total=len(loader)):
-            feats = model.image_trunk(images.to(device), n_blocks).float().cpu()  # (B, C, h, w)
-            if cache is None:
-                cache = torch.empty((views, len(train_set.images), *feats.shape[1:]), dtype=torch.float16)
-            cache[v, start:start + len(feats)] = feats
-            start += len(feats)
-    model.train()
-    return cache
-
-
-VAL_CACHE_BYTES = 1 << 30  # Flickr8K val, all 16 Lite0 blocks at 256 px with the mirror image: 0.16 GB
-
-
-@torch.no_grad()
-def cache_val_trunk(model, n_blocks, data_dir, image_size, flip, device, batch_size=64):
-    """(views, photos, C, h, w) float32 CPU: the frozen image blocks' output on every val photo
-    (EvalSplit order) at the evaluation size, and on its mirror image with flip, computed once so
-    each epoch's validation runs only the tuned top of the image tower (exactly the embeddings
-    evaluate.py gets: frozen blocks are in eval mode). None if that would take over
-    VAL_CACHE_BYTES (early blocks' output is large: validation then encodes the photos every epoch)."""
-    data = EvalSplit(data_dir, "val", image_size)
-    was_training = model.training
-    model.eval()
-    one = model.image_trunk(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), n_blocks)
-    views = None
-    if one.numel() * 4 * len(data.images) * (1 + flip) <= VAL_CACHE_BYTES:
-        loader = DataLoader(data.image_dataset, batch_size=batch_size)
-        views = torch.stack([torch.cat([model.image_trunk((x.flip(-1) if mirror else x).to(device), n_blocks)
-                                        .float().cpu() for x in tqdm(loader, desc="caching val photos",
-                                                                     unit="batch", leave=False)])
-                             for mirror in (False, True)[:1 + flip]])
-    model.train(was_training)
-    return views
-
-
-@torch.no_grad()
-def val_image_embeddings(model, trunk, n_blocks, device, batch_size=64):
-    """(photos, D): the val photos' embeddings from cache_val_trunk's blocks (averaged over the
-    mirror image when it holds two views), as encode_images(photos, flip) gives them; the model
-    must be in eval mode (the tuned blocks' BatchNorm)."""
-    emb = sum(torch.cat([model.encode_image_trunk(f.to(device), n_blocks).cpu() for f in view.split(batch_size)])
-              for view in trunk)
-    return F.normalize(emb, dim=-1)
-
-
 def plot_curves(history, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -274,8 +216,8 @@ def run(args, device):
               static_graph=True) if ddp else model
     trunk_cache = None
     if args.image_cache_views:
-        trunk_cache = cache_image_trunk(model, train_set, args.freeze_image_blocks,
-                                        args.image_cache_views, 64, args.num_workers, device)
+        trunk_cache = cache_image_trunk(model, train_set, args.freeze_image_blocks, args.image_cache_views,
+                                        args.num_workers, device)
     val = None
     if args.freeze_image_blocks and master:
         val = cache_val_trunk(model, args.freeze_image_blocks, args.data_dir, eval_image_size(model_args),

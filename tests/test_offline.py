@@ -10,6 +10,7 @@ from tiny import train_argv
 
 import dataset
 import model
+import retrieval
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,6 +131,7 @@ def test_cached_trunk_training_loader_has_no_workers(tiny_data, tmp_path, monkey
         seen.append((type(dataset).__name__, kw.get("num_workers", 0)))
         return real(dataset, **kw)
     monkeypatch.setattr(train, "DataLoader", spy)
+    monkeypatch.setattr(retrieval, "DataLoader", spy)  # the feature caches' loaders
     argv = train_argv(tiny_data, tmp_path, "--image_encoder", "efficientnet_lite0", "--epochs", "2",
                       "--freeze_image_blocks", "11", "--image_cache_views", "1", "--captions_per_image", "1",
                       "--batch_size", "8", "--num_workers", "1")
@@ -142,7 +144,6 @@ def test_validation_on_cached_val_blocks_matches_evaluate_split(tiny_data, flip,
     # With a frozen trunk, train.py validates from the frozen blocks' output on the val photos,
     # computed once: the figures must be evaluate_split's, at the evaluation size and mirror option.
     pytest.importorskip("efficientnet_lite_pytorch")
-    import retrieval
     from dataset import EvalSplit
     torch.manual_seed(0)
     cpu = torch.device("cpu")
@@ -150,20 +151,20 @@ def test_validation_on_cached_val_blocks_matches_evaluate_split(tiny_data, flip,
                           pretrained=False)
     m.image_proj.bias.data.zero_()  # so the photos, not the random bias, make the embeddings
     tok = model.load_tokenizer(os.path.join(tiny_data, "text_encoder"))
-    monkeypatch.setattr(train, "VAL_CACHE_BYTES", 0)  # too large a cache: validation encodes the photos
-    assert train.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu) is None
+    monkeypatch.setattr(retrieval, "VAL_CACHE_BYTES", 0)  # too large a cache: validation encodes the photos
+    assert retrieval.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu) is None
     monkeypatch.undo()
     data = EvalSplit(tiny_data, "val", 72)
-    trunk = train.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
+    trunk = retrieval.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
     assert trunk.shape[:2] == (1 + flip, len(data.images)) and m.training
     got = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip,
-                                   image_embeddings=lambda mm: train.val_image_embeddings(mm, trunk, 16, cpu))
+                                   image_embeddings=lambda mm: retrieval.val_image_embeddings(mm, trunk, 16, cpu))
     assert m.training  # evaluate_split puts it back
     want = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip)
     for d in ("t2i", "i2t"):
         assert got[d] == pytest.approx(want[d], rel=1e-6)
     m.eval()
-    emb = train.val_image_embeddings(m, trunk, 16, cpu)
+    emb = retrieval.val_image_embeddings(m, trunk, 16, cpu)
     assert torch.allclose(emb, retrieval.encode_image_dataset(m, data.image_dataset, cpu, flip=flip), atol=1e-5)
     assert not torch.allclose(emb, retrieval.encode_image_dataset(m, data.image_dataset, cpu, flip=not flip),
                               atol=1e-2)
