@@ -36,7 +36,7 @@ from checkpoint import (
 )
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import Collate, PairDataset, epoch_order, read_captions, shard_order
-from device import keep_freed_memory, pick_device, precision_summary
+from device import keep_freed_memory, precision_summary, rank_and_world, torchrun_device
 from encoder import write_export
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import LITE_MODELS, gather_batch, info_nce, load_tokenizer
@@ -178,26 +178,9 @@ def plot_curves(history, path):
 
 def main(argv=None):
     args = get_args(argv)
-    with stop_signals():
-        return _main(args)
-
-
-def _main(args):
-    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` sets none of them.
-    ddp = "RANK" in os.environ
     keep_freed_memory()
-    device = pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
-    if not ddp:
+    with stop_signals(), torchrun_device(args.device) as device:
         return run(args, device)
-    if device.type == "mps":
-        raise SystemExit("error: torchrun trains on CUDA (nccl) or CPU (gloo), not MPS; pass --device cpu.")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # so collectives and barrier() use this process's GPU
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return run(args, device)
-    finally:
-        dist.destroy_process_group()
 
 
 def run(args, device):
@@ -335,13 +318,6 @@ def build_model(args, device, master):
         if master:
             print(f"resumed from {last_path}: epoch {state['epoch']}, step {state['step']}")
     return model, model_args, tokenizer, optimizer, state
-
-
-def rank_and_world():
-    """(this process's rank, number of processes) under torchrun, (0, 1) without."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def epoch_loader(train_set, collate, state, args, num_workers, device):
