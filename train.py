@@ -29,10 +29,11 @@ from checkpoint import (
     LATER_MODEL_ARGS,
     MODEL_ARGS,
     eval_image_size,
-    load_weights,
+    last_kept,
     model_from_args,
     read_checkpoint,
-    save_checkpoint,
+    resume_training,
+    save_training,
 )
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import Collate, PairDataset, epoch_order, read_captions, shard_order
@@ -232,7 +233,7 @@ def run(args, device):
     except KeyboardInterrupt as e:
         # Keep what was learned: weights, optimizer and the position within the epoch.
         if master:
-            save(last_path, model, model_args, state, optimizer)
+            save_training(last_path, model, model_args, state, optimizer)
             print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: saved {last_path} "
                   f"(epoch {state['epoch'] + 1}, step {state['step']}); continue with --resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as a shell reports it
@@ -306,15 +307,7 @@ def build_model(args, device, master):
     # `epoch_step` counts the batches of the current one already trained.
     state = {"epoch": 0, "step": 0, "epoch_step": 0, "best_rsum": -1.0, "history": []}
     if ckpt is not None:
-        load_weights(model, ckpt["model"], last_path)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            state = {k: ckpt[k] for k in state}
-            torch.set_rng_state(ckpt["rng_state"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise SystemExit(f"error: cannot resume from {last_path} ({type(e).__name__}: {e}): it is not a "
-                             "training checkpoint of this train.py, or the run used another --freeze_image. "
-                             "Resume with the run's own flags, or start a new --model_dir.")
+        state = resume_training(ckpt, last_path, model, optimizer, state)
         if master:
             print(f"resumed from {last_path}: epoch {state['epoch']}, step {state['step']}")
     return model, model_args, tokenizer, optimizer, state
@@ -353,30 +346,18 @@ def end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss
         state["best_rsum"] = metrics["rsum"]
     # Until here a Ctrl-C saves (epoch, all its steps done): a resume goes straight to validation.
     state["epoch"], state["epoch_step"] = epoch + 1, 0
-    save(os.path.join(args.model_dir, "last.pt"), model, model_args, state, optimizer)
+    save_training(os.path.join(args.model_dir, "last.pt"), model, model_args, state, optimizer)
     if improved:
-        save(os.path.join(args.model_dir, "best.pt"), model, model_args, state)
+        save_training(os.path.join(args.model_dir, "best.pt"), model, model_args, state)
     if (epoch + 1) % args.save_every == 0:
-        save(os.path.join(args.model_dir, f"checkpoint_epoch_{epoch + 1}.pt"), model, model_args, state, optimizer)
+        save_training(os.path.join(args.model_dir, f"checkpoint_epoch_{epoch + 1}.pt"), model, model_args, state,
+                      optimizer)
     with atomic_write(os.path.join(args.model_dir, "metrics.jsonl")) as f:
         f.writelines(json.dumps(h) + "\n" for h in state["history"])
     plot_curves(state["history"], os.path.join(args.model_dir, "training_curves.png"))
     val_line = (f"val R@1 t2i {metrics['t2i']['R@1']:.1f} i2t {metrics['i2t']['R@1']:.1f} | rsum "
                 f"{metrics['rsum']:.1f}{' (best)' if improved else ''}" if metrics else "not validated")
     print(f"epoch {epoch + 1} | loss {loss:.3f} | {val_line} | {pairs_per_s:.0f} pairs/s")
-
-
-def save(path, model, model_args, state, optimizer=None):
-    """A checkpoint of the run; without the optimizer (best.pt) it cannot be resumed from.
-    best.pt is for evaluate.py and search.py: without AdamW's moments it is about half the size,
-    and every cold search.py call reads it."""
-    # Never let a diverged model replace a good checkpoint (the loss check misses NaN gradients).
-    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-        raise SystemExit(f"error: the weights became NaN or infinite by step {state['step']}; "
-                         f"stopping without saving them ({kept(os.path.dirname(path))}). Try a lower --lr.")
-    metrics = state["history"][-1]["val"] if state["history"] else None
-    save_checkpoint(path, model, model_args, state["epoch"], metrics, optimizer,
-                    rng_state=torch.get_rng_state(), **{k: v for k, v in state.items() if k != "epoch"})
 
 
 def batch_loss(net, batch, device, same_image_mask=True, trunk_feats=None, n_blocks=0):
@@ -432,7 +413,7 @@ def train_epoch(net, loader, optimizer, state, args, device, total_steps, trunk_
         loss = batch_loss(net, batch, device, not args.no_same_image_mask, feats, args.freeze_image_blocks)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss became {loss.item()} at step {state['step']}; stopping "
-                             f"({kept(args.model_dir)}). Try a lower --lr.")
+                             f"({last_kept(args.model_dir)}). Try a lower --lr.")
         optimizer_step(model, optimizer, loss)
         state["step"] += 1
         state["epoch_step"] += 1
@@ -443,11 +424,6 @@ def train_epoch(net, loader, optimizer, state, args, device, total_steps, trunk_
             break
     bar.close()
     return sum(losses) / max(len(losses), 1), pairs / max(time.time() - t0, 1e-9)
-
-
-def kept(model_dir):
-    last_path = os.path.join(model_dir, "last.pt")
-    return f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) else "no checkpoint yet"
 
 
 if __name__ == "__main__":
