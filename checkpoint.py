@@ -36,6 +36,16 @@ def model_from_args(args, pretrained=None):
                        text_config=args.get("text_config"), amp=args.get("amp", True))
 
 
+def training_args(args, ckpt=None):
+    """The args a run's checkpoints record: train.py's flags (a Namespace) and amp. Resuming from
+    `ckpt`, its MODEL_ARGS and LATER_MODEL_ARGS win: the model is rebuilt as it was trained,
+    inference options included (so validation stays comparable); flags given now only steer training."""
+    model_args = {**vars(args), "amp": not args.no_amp}
+    if ckpt is not None:
+        model_args.update({k: ckpt["args"][k] for k in MODEL_ARGS + LATER_MODEL_ARGS if k in ckpt["args"]})
+    return model_args
+
+
 def eval_image_size(args):
     """The photo side of evaluation and search for train.py's arguments (a dict): --eval_image_size,
     else the training side (also for checkpoints saved before the flag existed)."""

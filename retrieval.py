@@ -1,5 +1,5 @@
 """Encoding galleries and captions, and the retrieval metrics shared by train.py and evaluate.py;
-the frozen image blocks' output on a split's photos, which train.py computes once.
+the frozen image blocks' output on a split's photos, which train.py computes once, and its curves.
 
     python -c "import retrieval, torch; print(retrieval.recall_metrics(torch.eye(3), torch.eye(3), torch.arange(3)))"
 
@@ -79,16 +79,23 @@ def cache_image_trunk(model, train_set, n_blocks, views, num_workers, device, ba
     return cache
 
 
+def cached_views(trunk_cache, image_ids, seed, step):
+    """(B, C, h, w): for each pair of a training batch, one of its photo's views in
+    cache_image_trunk's output, drawn as a function of the step (a resume draws the same)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return trunk_cache[torch.randint(len(trunk_cache), (len(image_ids),), generator=g), image_ids]
+
+
 VAL_CACHE_BYTES = 1 << 30  # Flickr8K val, all 16 Lite0 blocks at 256 px with the mirror image: 0.16 GB
 
 
 @torch.no_grad()
 def cache_val_trunk(model, n_blocks, data_dir, image_size, flip, device, batch_size=64):
-    """(views, photos, C, h, w) float32 CPU: the frozen image blocks' output on every val photo
-    (EvalSplit order) at the evaluation size, and on its mirror image with flip, computed once so
-    each epoch's validation runs only the tuned top of the image tower (exactly the embeddings
-    evaluate.py gets: frozen blocks are in eval mode). None if that would take over
-    VAL_CACHE_BYTES (early blocks' output is large: validation then encodes the photos every epoch)."""
+    """evaluate_split's image_embeddings for the val split, from the frozen image blocks' output on
+    every val photo at the evaluation size (and on its mirror image with flip), computed here once:
+    each epoch's validation then runs only the tuned top of the image tower, and gets exactly the
+    embeddings evaluate.py does (frozen blocks are in eval mode). None if that output would take
+    over VAL_CACHE_BYTES (early blocks' output is large: validation then encodes the photos)."""
     data = EvalSplit(data_dir, "val", image_size)
     was_training = model.training
     model.eval()
@@ -99,16 +106,16 @@ def cache_val_trunk(model, n_blocks, data_dir, image_size, flip, device, batch_s
         views = torch.stack([torch.cat([model.image_trunk((x.flip(-1) if mirror else x).to(device), n_blocks)
                                         .float().cpu() for x in tqdm(loader, desc="caching val photos",
                                                                      unit="batch", leave=False)])
-                             for mirror in (False, True)[:1 + flip]])
+                             for mirror in (False, True)[:1 + flip]])  # (views, photos, C, h, w) float32 CPU
     model.train(was_training)
-    return views
+    return None if views is None else lambda m: val_image_embeddings(m, views, n_blocks, device)
 
 
 @torch.no_grad()
 def val_image_embeddings(model, trunk, n_blocks, device, batch_size=64):
-    """(photos, D): the val photos' embeddings from cache_val_trunk's blocks (averaged over the
-    mirror image when it holds two views), as encode_images(photos, flip) gives them; the model
-    must be in eval mode (the tuned blocks' BatchNorm)."""
+    """(photos, D): the val photos' embeddings from the frozen blocks' output `trunk` (averaged over
+    the mirror image when it holds two views), as encode_images(photos, flip) gives them; the model
+    must be in eval mode (the tuned blocks' BatchNorm), as evaluate_split puts it."""
     emb = sum(torch.cat([model.encode_image_trunk(f.to(device), n_blocks).cpu() for f in view.split(batch_size)])
               for view in trunk)
     return F.normalize(emb, dim=-1)
@@ -207,6 +214,27 @@ def format_metrics(metrics):
                      f"{m['mean_rank']:9.1f}{m['median_rank']:8.1f}")
     lines.append(f"rsum  {metrics['rsum']:8.1f}")
     return "\n".join(lines)
+
+
+def plot_curves(history, path):
+    """train.py's training curves: the loss and the validation recall of each epoch in `history`
+    (metrics.jsonl's records), as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
+    a.set(xlabel="epoch", ylabel="training loss", title="InfoNCE loss")
+    validated = [h for h in history if h["val"] is not None]
+    epochs = [h["epoch"] for h in validated]
+    for d, label in (("t2i", "text→image"), ("i2t", "image→text")):
+        b.plot(epochs, [h["val"][d]["R@1"] for h in validated], marker="o", label=f"{label} R@1")
+        b.plot(epochs, [h["val"][d]["R@10"] for h in validated], marker=".", ls="--", label=f"{label} R@10")
+    b.set(xlabel="epoch", ylabel="recall (%)", title="validation recall")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def chance_recall(n_images, k):

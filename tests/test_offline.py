@@ -155,16 +155,15 @@ def test_validation_on_cached_val_blocks_matches_evaluate_split(tiny_data, flip,
     assert retrieval.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu) is None
     monkeypatch.undo()
     data = EvalSplit(tiny_data, "val", 72)
-    trunk = retrieval.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
-    assert trunk.shape[:2] == (1 + flip, len(data.images)) and m.training
-    got = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip,
-                                   image_embeddings=lambda mm: retrieval.val_image_embeddings(mm, trunk, 16, cpu))
+    embeddings = retrieval.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
+    assert m.training
+    got = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip, image_embeddings=embeddings)
     assert m.training  # evaluate_split puts it back
     want = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip)
     for d in ("t2i", "i2t"):
         assert got[d] == pytest.approx(want[d], rel=1e-6)
     m.eval()
-    emb = retrieval.val_image_embeddings(m, trunk, 16, cpu)
+    emb = embeddings(m)
     assert torch.allclose(emb, retrieval.encode_image_dataset(m, data.image_dataset, cpu, flip=flip), atol=1e-5)
     assert not torch.allclose(emb, retrieval.encode_image_dataset(m, data.image_dataset, cpu, flip=not flip),
                               atol=1e-2)
