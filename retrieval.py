@@ -172,15 +172,16 @@ def caption_bank(model, tokenizer, data_dir, device):
                         desc="encoding the caption bank")
 
 
-def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_size=64, num_workers=0,
-                   querybank=False, flip=False, image_embeddings=None, bank_cache=None):
-    """Encode one split's photos and captions and return its recall_metrics. querybank: rank with
-    querybank normalisation, the banks being the train split's captions and photos. flip: embed
-    each photo averaged with its mirror image (train.py --eval_flip). image_embeddings: a function
-    of the model (in eval mode) giving the photos' embeddings in EvalSplit order, instead of
-    encoding them (train.py: from the frozen blocks' cached output). bank_cache: (path, key), where
-    the banks' embeddings are kept for the next call with the same key (evaluate.py)."""
-    data = EvalSplit(data_dir, split, image_size)
+def evaluate_split(model, tokenizer, data_dir, split, image_size, batch_size=64, num_workers=0, querybank=False,
+                   flip=False, image_embeddings=None):
+    """Encode one split's photos and captions on the model's device and return its recall_metrics.
+    querybank: rank with querybank normalisation, the banks being the train split's captions and
+    photos; a (path, key) pair also keeps the banks' embeddings there for the next call with the
+    same key (evaluate.py). flip: embed each photo averaged with its mirror image (train.py
+    --eval_flip). image_embeddings: a function of the model (in eval mode) giving the photos'
+    embeddings in EvalSplit order, instead of encoding them (train.py: from the frozen blocks'
+    cached output)."""
+    data, device = EvalSplit(data_dir, split, image_size), model.logit_scale.device
     was_training = model.training
     model.eval()
     if image_embeddings is not None:
@@ -190,6 +191,7 @@ def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_
     txt_emb = encode_texts(model, tokenizer, data.captions, device)
     img_bias = txt_bias = None
     if querybank:
+        bank_cache = querybank if isinstance(querybank, tuple) else None
         kept = read_keyed(*bank_cache) if bank_cache else None
         if kept is not None:
             bank_txt, bank_img = torch.from_numpy(kept["captions"]), torch.from_numpy(kept["photos"])
