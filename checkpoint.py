@@ -1,6 +1,6 @@
 """Checkpoints: a plain dict of weights, train.py's arguments, epoch and metrics that
-torch.load(weights_only=True) reads, written atomically; and the model rebuilt from one.
-Example:
+torch.load(weights_only=True) reads, written atomically; and the model rebuilt from one. A
+training checkpoint also holds train.py's position and the optimizer, to resume from. Example:
 
     python -c "import checkpoint; print(checkpoint.read_checkpoint('models/best.pt')['args'])"
 
@@ -36,6 +36,16 @@ def model_from_args(args, pretrained=None):
                        text_config=args.get("text_config"), amp=args.get("amp", True))
 
 
+def training_args(args, ckpt=None):
+    """The args a run's checkpoints record: train.py's flags (a Namespace) and amp. Resuming from
+    `ckpt`, its MODEL_ARGS and LATER_MODEL_ARGS win: the model is rebuilt as it was trained,
+    inference options included (so validation stays comparable); flags given now only steer training."""
+    model_args = {**vars(args), "amp": not args.no_amp}
+    if ckpt is not None:
+        model_args.update({k: ckpt["args"][k] for k in MODEL_ARGS + LATER_MODEL_ARGS if k in ckpt["args"]})
+    return model_args
+
+
 def eval_image_size(args):
     """The photo side of evaluation and search for train.py's arguments (a dict): --eval_image_size,
     else the training side (also for checkpoints saved before the flag existed)."""
@@ -60,6 +70,41 @@ def save_checkpoint(path, model, args, epoch, metrics, optimizer=None, **extra):
         kept = f"the previous {path} is intact" if os.path.exists(path) else f"no {path} was written"
         raise SystemExit(f"error: could not write {path} ({first_line(e)}); {kept}. Free disk space "
                          "(or fix the folder's permissions) and run again.")
+
+
+def save_training(path, model, args, state, optimizer=None):
+    """A checkpoint of a training run: save_checkpoint's dict with train.py's `state` (epoch, step,
+    position in the epoch, best R-sum, history) and the RNG state. With the optimizer (last.pt) a
+    run resumes from it; without (best.pt, for evaluate.py and search.py) it is about half the
+    size, and every cold search.py call reads it."""
+    # Never let a diverged model replace a good checkpoint (the loss check misses NaN gradients).
+    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+        raise SystemExit(f"error: the weights became NaN or infinite by step {state['step']}; "
+                         f"stopping without saving them ({last_kept(os.path.dirname(path))}). Try a lower --lr.")
+    metrics = state["history"][-1]["val"] if state["history"] else None
+    save_checkpoint(path, model, args, state["epoch"], metrics, optimizer, rng_state=torch.get_rng_state(),
+                    **{k: v for k, v in state.items() if k != "epoch"})
+
+
+def last_kept(model_dir):
+    """What a run that stops on an error keeps: its last.pt, if it has written one."""
+    last = os.path.join(model_dir, "last.pt")
+    return f"the last good checkpoint {last} is kept" if os.path.exists(last) else "no checkpoint yet"
+
+
+def resume_training(ckpt, path, model, optimizer, state):
+    """Load save_training's checkpoint `ckpt` (read from `path`) into the model and the optimizer,
+    and the RNG state; returns the run's state (the keys of `state`) as it was saved."""
+    load_weights(model, ckpt["model"], path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = {k: ckpt[k] for k in state}
+        torch.set_rng_state(ckpt["rng_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot resume from {path} ({type(e).__name__}: {e}): it is not a "
+                         "training checkpoint of this train.py, or the run used another --freeze_image. "
+                         "Resume with the run's own flags, or start a new --model_dir.")
+    return state
 
 
 def read_checkpoint(path):

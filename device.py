@@ -1,13 +1,16 @@
-"""The device and the precision: which device a script runs on, which autocast dtype each tower
-runs under there, and the CPU allocator setting every script makes first. Example:
+"""The device and the precision: which device a script runs on (under torchrun: which device this
+process runs on, and its process group), which autocast dtype each tower runs under there, and the
+CPU allocator setting every script makes first. Example:
 
     python -c "import device; d = device.pick_device(); print(device.precision_summary(d))"
 """
 
 import ctypes
-from contextlib import nullcontext
+import os
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.distributed as dist
 
 
 def keep_freed_memory():
@@ -56,6 +59,34 @@ def pick_device(name="auto", local_rank=None):
     if device.type == "cuda" and local_rank is not None:
         device = torch.device("cuda", local_rank)
     return device
+
+
+@contextmanager
+def torchrun_device(name="auto"):
+    """pick_device(name) for this process; under torchrun (which sets RANK and LOCAL_RANK, a plain
+    `python train.py` neither) its own GPU, inside the process group of all of them: nccl on
+    CUDA, gloo on CPU."""
+    ddp = "RANK" in os.environ
+    device = pick_device(name, int(os.environ["LOCAL_RANK"]) if ddp else None)
+    if not ddp:
+        yield device
+        return
+    if device.type == "mps":
+        raise SystemExit("error: torchrun trains on CUDA (nccl) or CPU (gloo), not MPS; pass --device cpu.")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # so collectives and barrier() use this process's GPU
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_and_world():
+    """(this process's rank, number of processes) under torchrun, (0, 1) without."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def cpu_has_native_bf16():

@@ -75,10 +75,10 @@ def main(argv=None):
     options = {"eval_image_size": args.eval_image_size or eval_image_size(trained),
                "eval_flip": trained.get("eval_flip", False) if args.eval_flip is None else args.eval_flip,
                "querybank": trained.get("querybank", False) if args.querybank is None else args.querybank}
-    metrics = evaluate_split(model, tokenizer, data_dir, args.split, options["eval_image_size"], device,
-                             args.batch_size, args.num_workers, querybank=options["querybank"],
-                             flip=options["eval_flip"],
-                             bank_cache=bank_cache(args.checkpoint, data_dir, options, device, model.amp))
+    # With querybank, where its banks' embeddings are kept (True: nowhere, evaluate_split says what is missing).
+    querybank = options["querybank"] and (bank_cache(args.checkpoint, data_dir, options, device, model.amp) or True)
+    metrics = evaluate_split(model, tokenizer, data_dir, args.split, options["eval_image_size"], args.batch_size,
+                             args.num_workers, querybank=querybank, flip=options["eval_flip"])
     n_images = metrics["n_images"]
     print(f"{args.checkpoint} (epoch {ckpt.get('epoch')}) on {data_dir} [{args.split}]: "
           f"{n_images} photos, {metrics['n_queries']} captions; photos at {options['eval_image_size']} px"

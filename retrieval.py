@@ -1,4 +1,5 @@
-"""Encoding galleries and captions, and the retrieval metrics shared by train.py and evaluate.py.
+"""Encoding galleries and captions, and the retrieval metrics shared by train.py and evaluate.py;
+the frozen image blocks' output on a split's photos, which train.py computes once, and its curves.
 
     python -c "import retrieval, torch; print(retrieval.recall_metrics(torch.eye(3), torch.eye(3), torch.arange(3)))"
 
@@ -8,12 +9,14 @@ as the target ranks above it), so duplicate photos never flatter the figures.
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import index
 from atomic import read_keyed, write_keyed
-from dataset import EvalSplit, read_captions, tokenize
+from dataset import AugmentedImages, EvalSplit, read_captions, tokenize
+from interrupt import held, ignore_sigterm
 
 KS = (1, 5, 10)
 
@@ -52,6 +55,70 @@ def encode_texts(model, tokenizer, texts, device, batch_size=256, desc="encoding
         out.append(model.encode_texts(tokens["input_ids"].to(device),
                                       tokens["attention_mask"].to(device)).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def cache_image_trunk(model, train_set, n_blocks, views, num_workers, device, batch_size=64):
+    """(views, photos, C, h, w) float16 CPU: the frozen first n_blocks of the image tower on
+    `views` augmented crops of every training photo, computed once (the frozen blocks hold most
+    of the tower's compute, at full resolution)."""
+    model.eval()
+    cache = None
+    for v in range(views):
+        loader = DataLoader(AugmentedImages(train_set, v), batch_size=batch_size, num_workers=num_workers,
+                            worker_init_fn=ignore_sigterm)
+        start = 0
+        for images in tqdm(held(loader), desc=f"caching image features, view {v + 1}/{views}", unit="batch",
+                           total=len(loader)):
+            feats = model.image_trunk(images.to(device), n_blocks).float().cpu()  # (B, C, h, w)
+            if cache is None:
+                cache = torch.empty((views, len(train_set.images), *feats.shape[1:]), dtype=torch.float16)
+            cache[v, start:start + len(feats)] = feats
+            start += len(feats)
+    model.train()
+    return cache
+
+
+def cached_views(trunk_cache, image_ids, seed, step):
+    """(B, C, h, w): for each pair of a training batch, one of its photo's views in
+    cache_image_trunk's output, drawn as a function of the step (a resume draws the same)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return trunk_cache[torch.randint(len(trunk_cache), (len(image_ids),), generator=g), image_ids]
+
+
+VAL_CACHE_BYTES = 1 << 30  # Flickr8K val, all 16 Lite0 blocks at 256 px with the mirror image: 0.16 GB
+
+
+@torch.no_grad()
+def cache_val_trunk(model, n_blocks, data_dir, image_size, flip, device, batch_size=64):
+    """evaluate_split's image_embeddings for the val split, from the frozen image blocks' output on
+    every val photo at the evaluation size (and on its mirror image with flip), computed here once:
+    each epoch's validation then runs only the tuned top of the image tower, and gets exactly the
+    embeddings evaluate.py does (frozen blocks are in eval mode). None if that output would take
+    over VAL_CACHE_BYTES (early blocks' output is large: validation then encodes the photos)."""
+    data = EvalSplit(data_dir, "val", image_size)
+    was_training = model.training
+    model.eval()
+    one = model.image_trunk(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), n_blocks)
+    views = None
+    if one.numel() * 4 * len(data.images) * (1 + flip) <= VAL_CACHE_BYTES:
+        loader = DataLoader(data.image_dataset, batch_size=batch_size)
+        views = torch.stack([torch.cat([model.image_trunk((x.flip(-1) if mirror else x).to(device), n_blocks)
+                                        .float().cpu() for x in tqdm(loader, desc="caching val photos",
+                                                                     unit="batch", leave=False)])
+                             for mirror in (False, True)[:1 + flip]])  # (views, photos, C, h, w) float32 CPU
+    model.train(was_training)
+    return None if views is None else lambda m: val_image_embeddings(m, views, n_blocks, device)
+
+
+@torch.no_grad()
+def val_image_embeddings(model, trunk, n_blocks, device, batch_size=64):
+    """(photos, D): the val photos' embeddings from the frozen blocks' output `trunk` (averaged over
+    the mirror image when it holds two views), as encode_images(photos, flip) gives them; the model
+    must be in eval mode (the tuned blocks' BatchNorm), as evaluate_split puts it."""
+    emb = sum(torch.cat([model.encode_image_trunk(f.to(device), n_blocks).cpu() for f in view.split(batch_size)])
+              for view in trunk)
+    return F.normalize(emb, dim=-1)
 
 
 def rank_summary(ranks):
@@ -105,15 +172,16 @@ def caption_bank(model, tokenizer, data_dir, device):
                         desc="encoding the caption bank")
 
 
-def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_size=64, num_workers=0,
-                   querybank=False, flip=False, image_embeddings=None, bank_cache=None):
-    """Encode one split's photos and captions and return its recall_metrics. querybank: rank with
-    querybank normalisation, the banks being the train split's captions and photos. flip: embed
-    each photo averaged with its mirror image (train.py --eval_flip). image_embeddings: a function
-    of the model (in eval mode) giving the photos' embeddings in EvalSplit order, instead of
-    encoding them (train.py: from the frozen blocks' cached output). bank_cache: (path, key), where
-    the banks' embeddings are kept for the next call with the same key (evaluate.py)."""
-    data = EvalSplit(data_dir, split, image_size)
+def evaluate_split(model, tokenizer, data_dir, split, image_size, batch_size=64, num_workers=0, querybank=False,
+                   flip=False, image_embeddings=None):
+    """Encode one split's photos and captions on the model's device and return its recall_metrics.
+    querybank: rank with querybank normalisation, the banks being the train split's captions and
+    photos; a (path, key) pair also keeps the banks' embeddings there for the next call with the
+    same key (evaluate.py). flip: embed each photo averaged with its mirror image (train.py
+    --eval_flip). image_embeddings: a function of the model (in eval mode) giving the photos'
+    embeddings in EvalSplit order, instead of encoding them (train.py: from the frozen blocks'
+    cached output)."""
+    data, device = EvalSplit(data_dir, split, image_size), model.logit_scale.device
     was_training = model.training
     model.eval()
     if image_embeddings is not None:
@@ -123,6 +191,7 @@ def evaluate_split(model, tokenizer, data_dir, split, image_size, device, batch_
     txt_emb = encode_texts(model, tokenizer, data.captions, device)
     img_bias = txt_bias = None
     if querybank:
+        bank_cache = querybank if isinstance(querybank, tuple) else None
         kept = read_keyed(*bank_cache) if bank_cache else None
         if kept is not None:
             bank_txt, bank_img = torch.from_numpy(kept["captions"]), torch.from_numpy(kept["photos"])
@@ -147,6 +216,27 @@ def format_metrics(metrics):
                      f"{m['mean_rank']:9.1f}{m['median_rank']:8.1f}")
     lines.append(f"rsum  {metrics['rsum']:8.1f}")
     return "\n".join(lines)
+
+
+def plot_curves(history, path):
+    """train.py's training curves: the loss and the validation recall of each epoch in `history`
+    (metrics.jsonl's records), as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
+    a.set(xlabel="epoch", ylabel="training loss", title="InfoNCE loss")
+    validated = [h for h in history if h["val"] is not None]
+    epochs = [h["epoch"] for h in validated]
+    for d, label in (("t2i", "text→image"), ("i2t", "image→text")):
+        b.plot(epochs, [h["val"][d]["R@1"] for h in validated], marker="o", label=f"{label} R@1")
+        b.plot(epochs, [h["val"][d]["R@10"] for h in validated], marker=".", ls="--", label=f"{label} R@10")
+    b.set(xlabel="epoch", ylabel="recall (%)", title="validation recall")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def chance_recall(n_images, k):

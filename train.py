@@ -13,40 +13,39 @@ over the global batch of N*B pairs; only rank 0 validates and writes.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from atomic import atomic_write
 from checkpoint import (
-    LATER_MODEL_ARGS,
-    MODEL_ARGS,
     eval_image_size,
-    load_weights,
+    last_kept,
     model_from_args,
     read_checkpoint,
-    save_checkpoint,
+    resume_training,
+    save_training,
+    training_args,
 )
 from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
-from dataset import AugmentedImages, Collate, EvalSplit, PairDataset, read_captions
-from device import keep_freed_memory, pick_device, precision_summary
+from dataset import Collate, PairDataset, epoch_order, read_captions, shard_order
+from device import keep_freed_memory, precision_summary, rank_and_world, torchrun_device
 from export import write_export
 from interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import LITE_MODELS, gather_batch, info_nce, load_tokenizer
-from retrieval import evaluate_split, format_metrics
-from schedule import epoch_order, lr_factor, shard_order
+from retrieval import cache_image_trunk, cache_val_trunk, cached_views, evaluate_split, format_metrics, plot_curves
 
 
-def get_args(argv=None):
-    # Longer than a screen, as a list: one line per flag, grouped by data, model, optim and run,
-    # then the checks that span flags (a number's range is its type's, in cli.py).
+def build_parser():
+    # One line per flag, grouped by data, model, optim and run; a number's range is its type's (cli.py).
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     p.add_argument("--data_dir", default="data/flickr8k", help="output of preprocess_flickr8k.py")
@@ -110,6 +109,11 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <model_dir>/last.pt")
     p.add_argument("--no_export", action="store_true",
                    help="do not export best.pt to ONNX when training ends (search then runs on PyTorch)")
+    return p
+
+
+def get_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.freeze_image_blocks and args.image_encoder not in LITE_MODELS:
         p.error("--freeze_image_blocks needs an efficientnet_lite --image_encoder")
@@ -126,6 +130,11 @@ def get_args(argv=None):
     return args
 
 
+def model_file(args, name="last.pt"):
+    """A file of the run in --model_dir; last.pt is written every epoch and on Ctrl-C, and --resume reads it."""
+    return os.path.join(args.model_dir, name)
+
+
 def param_groups(model, args):
     """The text tower at --lr, the image tower at --image_lr (default --lr), the new heads and
     the temperature at --head_lr; no decay on biases, norms or the temperature."""
@@ -140,9 +149,8 @@ def param_groups(model, args):
 
 
 def frozen_modules(model, args):
-    """The parts of partly frozen towers that stay fixed: trained with no gradient and kept in
-    eval mode (BatchNorm statistics, dropout)."""
-    modules = []
+    """The towers' parts that stay fixed: no gradient, and eval mode (BatchNorm statistics, dropout)."""
+    modules = [model.image_tower] if args.freeze_image else []
     if args.freeze_image_blocks:
         modules += model.image_tower.trunk_modules(args.freeze_image_blocks)
     if args.freeze_text_layers >= 0:
@@ -150,104 +158,18 @@ def frozen_modules(model, args):
     return modules
 
 
-@torch.no_grad()
-def cache_image_trunk(model, train_set, n_blocks, views, batch_size, num_workers, device):
-    """(views, photos, C, h, w) float16 CPU: the frozen first n_blocks of the image tower on
-    `views` augmented crops of every training photo, computed once (the frozen blocks hold most
-    of the tower's compute, at full resolution)."""
-    model.eval()
-    cache = None
-    for v in range(views):
-        loader = DataLoader(AugmentedImages(train_set, v), batch_size=batch_size, num_workers=num_workers,
-                            worker_init_fn=ignore_sigterm)
-        start = 0
-        for images in tqdm(held(loader), desc=f"caching image features, view {v + 1}/{views}", unit="batch",
-                           total=len(loader)):
-            feats = model.image_trunk(images.to(device), n_blocks).float().cpu()  # (B, C, h, w)
-            if cache is None:
-                cache = torch.empty((views, len(train_set.images), *feats.shape[1:]), dtype=torch.float16)
-            cache[v, start:start + len(feats)] = feats
-            start += len(feats)
-    model.train()
-    return cache
-
-
-VAL_CACHE_BYTES = 1 << 30  # Flickr8K val, all 16 Lite0 blocks at 256 px with the mirror image: 0.16 GB
-
-
-@torch.no_grad()
-def cache_val_trunk(model, n_blocks, data_dir, image_size, flip, device, batch_size=64):
-    """(views, photos, C, h, w) float32 CPU: the frozen image blocks' output on every val photo
-    (EvalSplit order) at the evaluation size, and on its mirror image with flip, computed once so
-    each epoch's validation runs only the tuned top of the image tower (exactly the embeddings
-    evaluate.py gets: frozen blocks are in eval mode). None if that would take over
-    VAL_CACHE_BYTES (early blocks' output is large: validation then encodes the photos every epoch)."""
-    data = EvalSplit(data_dir, "val", image_size)
-    was_training = model.training
-    model.eval()
-    one = model.image_trunk(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device=device), n_blocks)
-    views = None
-    if one.numel() * 4 * len(data.images) * (1 + flip) <= VAL_CACHE_BYTES:
-        loader = DataLoader(data.image_dataset, batch_size=batch_size)
-        views = torch.stack([torch.cat([model.image_trunk((x.flip(-1) if mirror else x).to(device), n_blocks)
-                                        .float().cpu() for x in tqdm(loader, desc="caching val photos",
-                                                                     unit="batch", leave=False)])
-                             for mirror in (False, True)[:1 + flip]])
-    model.train(was_training)
-    return views
-
-
-@torch.no_grad()
-def val_image_embeddings(model, trunk, n_blocks, device, batch_size=64):
-    """(photos, D): the val photos' embeddings from cache_val_trunk's blocks (averaged over the
-    mirror image when it holds two views), as encode_images(photos, flip) gives them; the model
-    must be in eval mode (the tuned blocks' BatchNorm)."""
-    emb = sum(torch.cat([model.encode_image_trunk(f.to(device), n_blocks).cpu() for f in view.split(batch_size)])
-              for view in trunk)
-    return F.normalize(emb, dim=-1)
-
-
-def plot_curves(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
-    a.set(xlabel="epoch", ylabel="training loss", title="InfoNCE loss")
-    validated = [h for h in history if h["val"] is not None]
-    epochs = [h["epoch"] for h in validated]
-    for d, label in (("t2i", "text→image"), ("i2t", "image→text")):
-        b.plot(epochs, [h["val"][d]["R@1"] for h in validated], marker="o", label=f"{label} R@1")
-        b.plot(epochs, [h["val"][d]["R@10"] for h in validated], marker=".", ls="--", label=f"{label} R@10")
-    b.set(xlabel="epoch", ylabel="recall (%)", title="validation recall")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def lr_factor(step, warmup, total):
+    """Linear warm-up to 1, then cosine decay to 0 at `total` steps (pure: a resumed run replays it)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def main(argv=None):
     args = get_args(argv)
-    with stop_signals():
-        return _main(args)
-
-
-def _main(args):
-    # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; a plain `python train.py` sets none of them.
-    ddp = "RANK" in os.environ
     keep_freed_memory()
-    device = pick_device(args.device, int(os.environ["LOCAL_RANK"]) if ddp else None)
-    if not ddp:
+    with stop_signals(), torchrun_device(args.device) as device:
         return run(args, device)
-    if device.type == "mps":
-        raise SystemExit("error: torchrun trains on CUDA (nccl) or CPU (gloo), not MPS; pass --device cpu.")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # so collectives and barrier() use this process's GPU
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return run(args, device)
-    finally:
-        dist.destroy_process_group()
 
 
 def run(args, device):
@@ -255,79 +177,78 @@ def run(args, device):
     the epoch. Returns the exit status: 0, or 130 (Ctrl-C) and 143 (SIGTERM) as a shell reports them."""
     ddp = dist.is_available() and dist.is_initialized()
     rank, world = rank_and_world()
-    master = rank == 0  # the one process that validates, logs and writes files
     torch.manual_seed(args.seed + rank)  # dropout differs per process; DDP copies rank 0's weights
     train_set, pairs_per_epoch, steps_per_epoch, total_steps = build_data(args, world)
-    model, model_args, tokenizer, optimizer, state = build_model(args, device, master)
-    # DDP averages gradients across processes in backward (model.gather_batch explains why that
-    # mean is the gradient of the global batch). static_graph: a text tower with a pooler (BERT)
-    # computes weights no loss uses; DDP finds them once rather than failing at the second step.
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-              static_graph=True) if ddp else model
-    trunk_cache = None
+    r = build_run(args, device, rank == 0, total_steps)
+    # DDP averages the gradients in backward (model.gather_batch: why that mean is the global batch's). static_graph:
+    # a text tower with a pooler (BERT) computes weights no loss uses; DDP finds them once, not failing at step 2.
+    net = DDP(r.model, device_ids=[device.index] if device.type == "cuda" else None,
+              static_graph=True) if ddp else r.model
+    trunk_cache = val = None  # the frozen image blocks' output, computed once: training views, val photos
     if args.image_cache_views:
-        trunk_cache = cache_image_trunk(model, train_set, args.freeze_image_blocks,
-                                        args.image_cache_views, 64, args.num_workers, device)
-    val = None
-    if args.freeze_image_blocks and master:
-        val = cache_val_trunk(model, args.freeze_image_blocks, args.data_dir, eval_image_size(model_args),
-                              model_args.get("eval_flip", False), device)
-    # With the feature cache the loader only tokenizes captions (0.1 s of a 5 s step at batch 512
-    # on 2 cores): no workers. A worker forked after the first epoch shares the pages of the
-    # activations the last step freed, and each page training writes into again gets copied: a
-    # 15 GB process (batch 512) then needs up to twice that (the kernel killed one on 23 GB).
-    loader_workers = 0 if trunk_cache is not None else args.num_workers
-    collate = Collate(tokenizer)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if master:
+        trunk_cache = cache_image_trunk(r.model, train_set, args.freeze_image_blocks, args.image_cache_views,
+                                        args.num_workers, device)
+    if args.freeze_image_blocks and r.master:
+        val = cache_val_trunk(r.model, args.freeze_image_blocks, args.data_dir, eval_image_size(r.model_args),
+                              r.model_args.get("eval_flip", False), device)
+    if r.master:
+        n_params = sum(p.numel() for p in r.model.parameters() if p.requires_grad)
         print(f"training on {device}{f' x {world} processes' if ddp else ''}: {pairs_per_epoch} pairs/epoch, "
               f"{steps_per_epoch} steps/epoch of {world * args.batch_size} pairs, {total_steps} steps, "
               f"{n_params / 1e6:.1f}M trainable parameters")
         print(precision_summary(device, not args.no_amp))
-    last_path = os.path.join(args.model_dir, "last.pt")
     try:
-        while state["epoch"] < args.epochs and state["step"] < total_steps:
-            loader = epoch_loader(train_set, collate, state, args, loader_workers, device)
-            loss, pairs_per_s = train_epoch(net, loader, optimizer, state, args, device, total_steps, trunk_cache)
-            if master:
-                final = state["epoch"] + 1 >= args.epochs or state["step"] >= total_steps
-                end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss, pairs_per_s, val, final)
-            else:
-                state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
-            if ddp:
-                dist.barrier()  # the others wait while rank 0 validates and saves
+        train_epochs(r, net, train_set, trunk_cache, val)
     except KeyboardInterrupt as e:
-        # Keep what was learned: weights, optimizer and the position within the epoch.
-        if master:
-            save(last_path, model, model_args, state, optimizer)
-            print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: saved {last_path} "
-                  f"(epoch {state['epoch'] + 1}, step {state['step']}); continue with --resume", file=sys.stderr)
+        if r.master:  # keep what was learned: weights, optimizer and the position within the epoch
+            save(r, "last.pt")
+            print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: saved {model_file(args)} "
+                  f"(epoch {r.state['epoch'] + 1}, step {r.state['step']}); continue with --resume", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as a shell reports it
-    validated = [h["val"] for h in state["history"] if h["val"] is not None]
+    validated = [h["val"] for h in r.state["history"] if h["val"] is not None]
     if validated:
         print(format_metrics(max(validated, key=lambda m: m["rsum"])))
-    best = os.path.join(args.model_dir, "best.pt")
-    if master and not args.no_export and os.path.isfile(best):
-        export(best)
+    best = model_file(args, "best.pt")
+    if r.master and not args.no_export and os.path.isfile(best):
+        try:  # for search (export.write_export); a failure costs a warning, not the run, whose result is saved
+            print(f"exported {best} for search: {write_export(best)}")
+        except (Exception, SystemExit) as e:
+            print(f"warning: could not export {best} ({e}); search will run it on PyTorch. Try again with "
+                  f"python export.py --checkpoint {best}", file=sys.stderr)
     return 0
 
 
-def export(best):
-    """Export best.pt for search (export.write_export); a failure costs a warning, not the run."""
-    try:
-        print(f"exported {best} for search: {write_export(best)}")
-    except (Exception, SystemExit) as e:  # the training's result is saved whatever happens here
-        print(f"warning: could not export {best} ({e}); search will run it on PyTorch. Try again with "
-              f"python export.py --checkpoint {best}", file=sys.stderr)
+def train_epochs(r, net, train_set, trunk_cache=None, val=None):
+    """Train up to --epochs or --max_steps, on this process's share of each epoch; rank 0 ends each one."""
+    args, state = r.args, r.state
+    rank, world = rank_and_world()
+    # With the feature cache the loader only tokenizes captions, a small part of a step: no
+    # workers. A worker forked after the first epoch shares the pages of the activations the last
+    # step freed, and each page training writes into again gets copied: up to twice the memory.
+    workers = 0 if trunk_cache is not None else args.num_workers
+    while state["epoch"] < args.epochs and state["step"] < r.total_steps:
+        train_set.epoch = state["epoch"]
+        # Sharding our own permutation (not DistributedSampler) keeps a mid-epoch resume exact.
+        order = epoch_order(train_set.image_ids, args.seed, state["epoch"], args.captions_per_image)
+        order = shard_order(order, args.batch_size, rank, world)[state["epoch_step"] * args.batch_size:]
+        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=order, drop_last=True,
+                            collate_fn=Collate(r.tokenizer), num_workers=workers,
+                            pin_memory=r.device.type == "cuda", worker_init_fn=ignore_sigterm)
+        loss, pairs_per_s = train_epoch(net, loader, r, trunk_cache)
+        if r.master:
+            end_epoch(r, loss, pairs_per_s, val)
+        else:
+            state["epoch"], state["epoch_step"] = state["epoch"] + 1, 0
+        if isinstance(net, DDP):
+            dist.barrier()  # the others wait while rank 0 validates and saves
 
 
 def build_data(args, world):
     """The training split, checked against the batch of all `world` processes. Returns (train_set,
     pairs_per_epoch, steps_per_epoch, total_steps)."""
     os.makedirs(args.model_dir, exist_ok=True)
-    last_path = os.path.join(args.model_dir, "last.pt")
-    if os.path.exists(last_path) and not args.resume:
-        raise SystemExit(f"error: {last_path} exists; pass --resume to continue that run, or "
+    if os.path.exists(model_file(args)) and not args.resume:
+        raise SystemExit(f"error: {model_file(args)} exists; pass --resume to continue that run, or "
                          "choose another --model_dir (nothing is overwritten).")
     train_set = PairDataset(args.data_dir, "train", args.image_size, augment=True, seed=args.seed,
                             with_images=not args.image_cache_views)
@@ -345,118 +266,77 @@ def build_data(args, world):
     return train_set, pairs_per_epoch, steps_per_epoch, total_steps
 
 
-def build_model(args, device, master):
-    """The model, its args as checkpoints record them, tokenizer, optimizer and training state,
-    from <model_dir>/last.pt when resuming. Returns (model, model_args, tokenizer, optimizer, state)."""
-    last_path = os.path.join(args.model_dir, "last.pt")
-    ckpt = read_checkpoint(last_path) if args.resume and os.path.exists(last_path) else None
+def build_run(args, device, master, total_steps):
+    """The run: model, tokenizer, optimizer and training state, from <model_dir>/last.pt when resuming."""
+    last = model_file(args)
+    ckpt = read_checkpoint(last) if args.resume and os.path.exists(last) else None
     if args.resume and ckpt is None and master:
-        print(f"no {last_path} to resume from; starting a new run")
-    model_args = {**vars(args), "amp": not args.no_amp}
-    if ckpt is not None:
-        # The model is rebuilt as it was trained, inference options included (so validation stays
-        # comparable across the resume); flags given now only steer training.
-        model_args.update({k: ckpt["args"][k] for k in MODEL_ARGS + LATER_MODEL_ARGS if k in ckpt["args"]})
+        print(f"no {last} to resume from; starting a new run")
+    model_args = training_args(args, ckpt)
     model = model_from_args(model_args, pretrained=None if ckpt is None else False).to(device)
-    if args.freeze_image:
-        model.image_tower.requires_grad_(False)
     model.image_tower.recompute = args.recompute_image_blocks
     for m in frozen_modules(model, args):
         m.requires_grad_(False)
     tokenizer = load_tokenizer(model_args["text_encoder"])
     if master:
-        tokenizer.save_pretrained(os.path.join(args.model_dir, "tokenizer"))
+        tokenizer.save_pretrained(model_file(args, "tokenizer"))
     optimizer = torch.optim.AdamW(param_groups(model, args))
     for g in optimizer.param_groups:
         g["base_lr"] = g["lr"]
-    # Everything a resume needs besides weights and optimizer. `epoch` counts finished epochs;
-    # `epoch_step` counts the batches of the current one already trained.
     state = {"epoch": 0, "step": 0, "epoch_step": 0, "best_rsum": -1.0, "history": []}
     if ckpt is not None:
-        load_weights(model, ckpt["model"], last_path)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            state = {k: ckpt[k] for k in state}
-            torch.set_rng_state(ckpt["rng_state"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise SystemExit(f"error: cannot resume from {last_path} ({type(e).__name__}: {e}): it is not a "
-                             "training checkpoint of this train.py, or the run used another --freeze_image. "
-                             "Resume with the run's own flags, or start a new --model_dir.")
+        state = resume_training(ckpt, last, model, optimizer, state)
         if master:
-            print(f"resumed from {last_path}: epoch {state['epoch']}, step {state['step']}")
-    return model, model_args, tokenizer, optimizer, state
+            print(f"resumed from {last}: epoch {state['epoch']}, step {state['step']}")
+    # What the epochs share. model_args: what checkpoints record as args; state: all a resume needs
+    # besides weights and optimizer (`epoch` counts finished epochs, `epoch_step` the batches of the
+    # current one already trained); master: the one process that validates, logs and writes files.
+    return SimpleNamespace(args=args, device=device, master=master, total_steps=total_steps, model=model,
+                           model_args=model_args, tokenizer=tokenizer, optimizer=optimizer, state=state)
 
 
-def rank_and_world():
-    """(this process's rank, number of processes) under torchrun, (0, 1) without."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def epoch_loader(train_set, collate, state, args, num_workers, device):
-    """The DataLoader of the rest of epoch state["epoch"]: this process's share of its pairs."""
-    rank, world = rank_and_world()
-    train_set.epoch = state["epoch"]
-    # Sharding our own permutation (not DistributedSampler) keeps a mid-epoch resume exact.
-    order = epoch_order(train_set.image_ids, args.seed, state["epoch"], args.captions_per_image)
-    order = shard_order(order, args.batch_size, rank, world)
-    order = order[state["epoch_step"] * args.batch_size:]
-    return DataLoader(train_set, batch_size=args.batch_size, sampler=order, drop_last=True,
-                      collate_fn=collate, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", worker_init_fn=ignore_sigterm)
-
-
-def end_epoch(model, tokenizer, model_args, optimizer, state, args, device, loss, pairs_per_s, val=None,
-              final=False):
-    """Validate the epoch just trained (from --validate_from on, and always the final one, so a
-    run that --max_steps ends early still writes best.pt), record it in state["history"], save the
-    checkpoints, write metrics.jsonl and the curves, print one line (rank 0 only). val:
-    cache_val_trunk's output."""
-    epoch = state["epoch"]
+def end_epoch(r, loss, pairs_per_s, val=None):
+    """Validate the epoch just trained (from --validate_from on, and always the last, so a run that
+    --max_steps ends early writes best.pt), record, save and print it. val: cache_val_trunk's output."""
+    args, state, epoch = r.args, r.state, r.state["epoch"] + 1
     metrics = None
-    if epoch + 1 >= args.validate_from or final:
-        cached = None if val is None else lambda m: val_image_embeddings(m, val, args.freeze_image_blocks, device)
-        metrics = evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(model_args), device,
-                                 num_workers=min(args.num_workers, 2), flip=model_args.get("eval_flip", False),
-                                 image_embeddings=cached)
-    state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": loss, "pairs_per_s": pairs_per_s,
-                             "logit_scale": model.logit_scale.exp().item(), "val": metrics})
+    if epoch >= args.validate_from or epoch >= args.epochs or state["step"] >= r.total_steps:
+        metrics = evaluate_split(r.model, r.tokenizer, args.data_dir, "val", eval_image_size(r.model_args),
+                                 num_workers=min(args.num_workers, 2), flip=r.model_args.get("eval_flip", False),
+                                 image_embeddings=val)
+    state["history"].append({"epoch": epoch, "step": state["step"], "loss": loss, "pairs_per_s": pairs_per_s,
+                             "logit_scale": r.model.logit_scale.exp().item(), "val": metrics})
     improved = metrics is not None and metrics["rsum"] > state["best_rsum"]
     if improved:
         state["best_rsum"] = metrics["rsum"]
     # Until here a Ctrl-C saves (epoch, all its steps done): a resume goes straight to validation.
-    state["epoch"], state["epoch_step"] = epoch + 1, 0
-    save(os.path.join(args.model_dir, "last.pt"), model, model_args, state, optimizer)
-    if improved:
-        save(os.path.join(args.model_dir, "best.pt"), model, model_args, state)
-    if (epoch + 1) % args.save_every == 0:
-        save(os.path.join(args.model_dir, f"checkpoint_epoch_{epoch + 1}.pt"), model, model_args, state, optimizer)
-    with atomic_write(os.path.join(args.model_dir, "metrics.jsonl")) as f:
-        f.writelines(json.dumps(h) + "\n" for h in state["history"])
-    plot_curves(state["history"], os.path.join(args.model_dir, "training_curves.png"))
+    state["epoch"], state["epoch_step"] = epoch, 0
+    write_epoch(r, improved)
     val_line = (f"val R@1 t2i {metrics['t2i']['R@1']:.1f} i2t {metrics['i2t']['R@1']:.1f} | rsum "
                 f"{metrics['rsum']:.1f}{' (best)' if improved else ''}" if metrics else "not validated")
-    print(f"epoch {epoch + 1} | loss {loss:.3f} | {val_line} | {pairs_per_s:.0f} pairs/s")
+    print(f"epoch {epoch} | loss {loss:.3f} | {val_line} | {pairs_per_s:.0f} pairs/s")
 
 
-def save(path, model, model_args, state, optimizer=None):
-    """A checkpoint of the run; without the optimizer (best.pt) it cannot be resumed from.
-    best.pt is for evaluate.py and search.py: without AdamW's moments it is about half the size,
-    and every cold search.py call reads it."""
-    # Never let a diverged model replace a good checkpoint (the loss check misses NaN gradients).
-    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
-        raise SystemExit(f"error: the weights became NaN or infinite by step {state['step']}; "
-                         f"stopping without saving them ({kept(os.path.dirname(path))}). Try a lower --lr.")
-    metrics = state["history"][-1]["val"] if state["history"] else None
-    save_checkpoint(path, model, model_args, state["epoch"], metrics, optimizer,
-                    rng_state=torch.get_rng_state(), **{k: v for k, v in state.items() if k != "epoch"})
+def write_epoch(r, improved):
+    """last.pt, best.pt if the R-sum improved, checkpoint_epoch_N.pt every --save_every, the log and curves."""
+    save(r, "last.pt")
+    if improved:
+        save(r, "best.pt", with_optimizer=False)
+    if r.state["epoch"] % r.args.save_every == 0:
+        save(r, f"checkpoint_epoch_{r.state['epoch']}.pt")
+    with atomic_write(model_file(r.args, "metrics.jsonl")) as f:
+        f.writelines(json.dumps(h) + "\n" for h in r.state["history"])
+    plot_curves(r.state["history"], model_file(r.args, "training_curves.png"))
+
+
+def save(r, name, with_optimizer=True):
+    """<model_dir>/name (checkpoint.save_training); best.pt goes without the optimizer."""
+    save_training(model_file(r.args, name), r.model, r.model_args, r.state, r.optimizer if with_optimizer else None)
 
 
 def batch_loss(net, batch, device, same_image_mask=True, trunk_feats=None, n_blocks=0):
-    """InfoNCE of one batch; under torchrun, of the global batch of every process.
-    trunk_feats: the frozen image blocks' cached output for this batch, standing in for the photos
-    (single process only, checked in build_data())."""
+    """InfoNCE of one batch; under torchrun, of the global batch of every process. trunk_feats: the
+    frozen image blocks' cached output for this batch, standing in for the photos (single process)."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     attention_mask = batch["attention_mask"].to(device, non_blocking=True)
     if trunk_feats is None:
@@ -479,49 +359,36 @@ def optimizer_step(model, optimizer, loss):
     model.clamp_logit_scale()
 
 
-def train_epoch(net, loader, optimizer, state, args, device, total_steps, trunk_cache=None):
-    """One pass over `loader`; updates state["step"] and state["epoch_step"] after every step.
-    `net` is the model, or its DDP wrapper under torchrun. trunk_cache: cache_image_trunk's output,
-    which then stands in for the photos. Returns (mean loss, global pairs per second)."""
-    model = net.module if isinstance(net, DDP) else net
+def train_epoch(net, loader, r, trunk_cache=None):
+    """One pass over `loader`, counting r.state's step and epoch_step; `net`: the model, or its DDP
+    wrapper. trunk_cache: cache_image_trunk's output. Returns (mean loss, global pairs per second)."""
+    args, state = r.args, r.state
     world = dist.get_world_size() if isinstance(net, DDP) else 1
     net.train()
-    if args.freeze_image:
-        model.image_tower.eval()  # frozen BatchNorm statistics too
-    for m in frozen_modules(model, args):
+    for m in frozen_modules(r.model, args):
         m.eval()
     bar = tqdm(held(loader), desc=f"epoch {state['epoch'] + 1}/{args.epochs}", unit="batch", leave=False,
                initial=state["epoch_step"], total=state["epoch_step"] + len(loader),
                disable=world > 1 and dist.get_rank() > 0)
     t0, pairs, losses = time.time(), 0, []
     for batch in bar:
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * lr_factor(state["step"], args.warmup_steps, total_steps)
-        feats = None
-        if trunk_cache is not None:
-            # Each pair takes one of its photo's cached views, drawn as a function of the step.
-            ids = batch["image_ids"]
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
-            feats = trunk_cache[torch.randint(args.image_cache_views, (len(ids),), generator=g), ids]
-        loss = batch_loss(net, batch, device, not args.no_same_image_mask, feats, args.freeze_image_blocks)
+        for g in r.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(state["step"], args.warmup_steps, r.total_steps)
+        feats = None if trunk_cache is None else cached_views(trunk_cache, batch["image_ids"], args.seed, state["step"])
+        loss = batch_loss(net, batch, r.device, not args.no_same_image_mask, feats, args.freeze_image_blocks)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: loss became {loss.item()} at step {state['step']}; stopping "
-                             f"({kept(args.model_dir)}). Try a lower --lr.")
-        optimizer_step(model, optimizer, loss)
+                             f"({last_kept(args.model_dir)}). Try a lower --lr.")
+        optimizer_step(r.model, r.optimizer, loss)
         state["step"] += 1
         state["epoch_step"] += 1
         pairs += len(batch["image_ids"]) * world
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", pairs_s=f"{pairs / (time.time() - t0):.0f}")
-        if state["step"] >= total_steps:
+        if state["step"] >= r.total_steps:
             break
     bar.close()
     return sum(losses) / max(len(losses), 1), pairs / max(time.time() - t0, 1e-9)
-
-
-def kept(model_dir):
-    last_path = os.path.join(model_dir, "last.pt")
-    return f"the last good checkpoint {last_path} is kept" if os.path.exists(last_path) else "no checkpoint yet"
 
 
 if __name__ == "__main__":

@@ -63,10 +63,10 @@ def test_our_training_step_is_train_py_s(tiny_data, monkeypatch):
     args = bench.get_args(["--device", "cpu", "--text_encoder", os.path.join(tiny_data, "text_encoder"),
                            "--image_size", "32", "--batch_size", "4", "--steps", "2", "--warmup", "1",
                            "--num_workers", "0"])
-    out = bench.measure_train(args, train.pick_device("cpu"), tiny_data, naive=False)
+    out = bench.measure_train(args, device.pick_device("cpu"), tiny_data, naive=False)
     assert calls == ["batch_loss", "optimizer_step"] * 3 and out["pairs_per_s"] > 0
     calls.clear()
-    bench.measure_train(args, train.pick_device("cpu"), tiny_data, naive=True)
+    bench.measure_train(args, device.pick_device("cpu"), tiny_data, naive=True)
     assert calls == ["optimizer_step"] * 3  # the naive baseline computes its own loss
 
 

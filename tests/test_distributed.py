@@ -13,7 +13,7 @@ from tiny import train_argv
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import train
-from dataset import Collate, PairDataset
+from dataset import Collate, PairDataset, shard_order
 from model import DualEncoder, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,9 +71,9 @@ def test_two_processes_give_the_loss_and_gradients_of_one_global_batch(tiny_data
 
 def test_shards_rebuild_the_single_process_batches():
     order = torch.randperm(37).tolist()
-    one = train.shard_order(order, 8, 0, 1)
+    one = shard_order(order, 8, 0, 1)
     assert one == order[:32]
-    parts = [train.shard_order(order, 4, r, 2) for r in range(2)]
+    parts = [shard_order(order, 4, r, 2) for r in range(2)]
     glued = [i for s in range(0, 32, 4) for part in parts for i in part[s:s + 4]]
     assert glued == one
 

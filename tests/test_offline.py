@@ -8,7 +8,9 @@ import pytest
 import torch
 from tiny import train_argv
 
+import dataset
 import model
+import retrieval
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,19 +18,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_epoch_order_one_caption_covers_each_photo_once_and_is_deterministic():
     image_ids = [i for i in range(7) for _ in range(5)]  # 7 photos, 5 captions each
-    order = train.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
+    order = dataset.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
     assert sorted(image_ids[i] for i in order) == list(range(7))
-    assert order == train.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
-    epochs = [train.epoch_order(image_ids, 3, e, 1) for e in range(6)]
+    assert order == dataset.epoch_order(image_ids, seed=3, epoch=2, captions_per_image=1)
+    epochs = [dataset.epoch_order(image_ids, 3, e, 1) for e in range(6)]
     assert len({tuple(sorted(o)) for o in epochs}) > 1  # other epochs draw other captions
 
 
 def test_epoch_order_k_captions_and_all():
     image_ids = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2]
-    two = train.epoch_order(image_ids, 0, 0, captions_per_image=2)
+    two = dataset.epoch_order(image_ids, 0, 0, captions_per_image=2)
     assert len(set(two)) == len(two) == 6
     assert sorted(image_ids[i] for i in two) == [0, 0, 1, 1, 2, 2]
-    everything = train.epoch_order(image_ids, 0, 0)
+    everything = dataset.epoch_order(image_ids, 0, 0)
     assert sorted(everything) == list(range(10))
     # captions_per_image=0 is the old shuffle, so runs resumed across this change replay it.
     assert everything == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
@@ -129,6 +131,7 @@ def test_cached_trunk_training_loader_has_no_workers(tiny_data, tmp_path, monkey
         seen.append((type(dataset).__name__, kw.get("num_workers", 0)))
         return real(dataset, **kw)
     monkeypatch.setattr(train, "DataLoader", spy)
+    monkeypatch.setattr(retrieval, "DataLoader", spy)  # the feature caches' loaders
     argv = train_argv(tiny_data, tmp_path, "--image_encoder", "efficientnet_lite0", "--epochs", "2",
                       "--freeze_image_blocks", "11", "--image_cache_views", "1", "--captions_per_image", "1",
                       "--batch_size", "8", "--num_workers", "1")
@@ -141,7 +144,6 @@ def test_validation_on_cached_val_blocks_matches_evaluate_split(tiny_data, flip,
     # With a frozen trunk, train.py validates from the frozen blocks' output on the val photos,
     # computed once: the figures must be evaluate_split's, at the evaluation size and mirror option.
     pytest.importorskip("efficientnet_lite_pytorch")
-    import retrieval
     from dataset import EvalSplit
     torch.manual_seed(0)
     cpu = torch.device("cpu")
@@ -149,20 +151,19 @@ def test_validation_on_cached_val_blocks_matches_evaluate_split(tiny_data, flip,
                           pretrained=False)
     m.image_proj.bias.data.zero_()  # so the photos, not the random bias, make the embeddings
     tok = model.load_tokenizer(os.path.join(tiny_data, "text_encoder"))
-    monkeypatch.setattr(train, "VAL_CACHE_BYTES", 0)  # too large a cache: validation encodes the photos
-    assert train.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu) is None
+    monkeypatch.setattr(retrieval, "VAL_CACHE_BYTES", 0)  # too large a cache: validation encodes the photos
+    assert retrieval.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu) is None
     monkeypatch.undo()
     data = EvalSplit(tiny_data, "val", 72)
-    trunk = train.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
-    assert trunk.shape[:2] == (1 + flip, len(data.images)) and m.training
-    got = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip,
-                                   image_embeddings=lambda mm: train.val_image_embeddings(mm, trunk, 16, cpu))
+    embeddings = retrieval.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
+    assert m.training
+    got = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, flip=flip, image_embeddings=embeddings)
     assert m.training  # evaluate_split puts it back
-    want = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, cpu, flip=flip)
+    want = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, flip=flip)
     for d in ("t2i", "i2t"):
         assert got[d] == pytest.approx(want[d], rel=1e-6)
     m.eval()
-    emb = train.val_image_embeddings(m, trunk, 16, cpu)
+    emb = embeddings(m)
     assert torch.allclose(emb, retrieval.encode_image_dataset(m, data.image_dataset, cpu, flip=flip), atol=1e-5)
     assert not torch.allclose(emb, retrieval.encode_image_dataset(m, data.image_dataset, cpu, flip=not flip),
                               atol=1e-2)

@@ -139,7 +139,19 @@ def test_freeze_text_layers_keeps_the_embeddings_and_first_layers_and_trains_the
     # 0: the word embeddings alone; -1 (the default): nothing.
     m = DualEncoder(text_encoder=os.path.join(tiny_data, "text_encoder"), embedding_dim=8, pretrained=False)
     for n, want in ((0, [m.text_tower.embeddings]), (-1, [])):
-        assert train.frozen_modules(m, SimpleNamespace(freeze_text_layers=n, freeze_image_blocks=0)) == want
+        args = SimpleNamespace(freeze_image=False, freeze_image_blocks=0, freeze_text_layers=n)
+        assert train.frozen_modules(m, args) == want
+
+
+def test_freeze_image_keeps_the_whole_image_tower_and_its_statistics(tiny_data, tmp_path, monkeypatch):
+    start = initial_weights(monkeypatch)
+    assert train.main(fast_argv(tiny_data, tmp_path, "--epochs", "1", "--max_steps", "2", "--freeze_image")) == 0
+    end = weights(tmp_path / "last.pt")
+    image = {k for k in start if k.startswith("image_tower.")}
+    changed, kept = changed_and_kept(start, end)
+    # Weights and BatchNorm statistics alike (the tower runs in eval mode); the rest trains.
+    assert image <= kept and any(k.endswith("running_mean") for k in image)
+    assert {"image_proj.weight", "text_proj.weight"} <= changed
 
 
 def test_freeze_image_blocks_keeps_the_stem_and_first_blocks_and_trains_the_rest(tiny_data, tmp_path, monkeypatch):

@@ -18,9 +18,8 @@ import retrieval
 import search
 import train
 from checkpoint import load_model
-from dataset import PairDataset, read_image
+from dataset import PairDataset, epoch_order, read_image
 from model import DualEncoder
-from schedule import epoch_order
 
 
 def weights(path):

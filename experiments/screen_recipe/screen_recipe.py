@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+sys.path.insert(0, ROOT)
 import train  # noqa: E402
 from checkpoint import eval_image_size, load_model  # noqa: E402
 from dataset import read_captions, tokenize  # noqa: E402
@@ -114,9 +115,8 @@ def main(argv=None):
         p.error("--model_dir: use --runs_dir (each variant trains into runs_dir/<variant>)")
     keep_freed_memory()
     device = pick_device(args.device)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model_dir = os.path.join(args.runs_dir, args.variant)
-    flags = [f"@{os.path.join(root, 'configs', 'offline.txt')}", "--data_dir", args.data_dir,
+    flags = [f"@{os.path.join(ROOT, 'configs', 'offline.txt')}", "--data_dir", args.data_dir,
              "--model_dir", model_dir, "--text_encoder", args.text_encoder, "--num_workers", str(args.num_workers),
              "--device", str(device), *(["--image_weights", args.image_weights] if args.image_weights else []),
              "--validate_from", str(args.validate_from), *VARIANTS[args.variant], *extra]
@@ -139,8 +139,8 @@ def main(argv=None):
     result["best_epoch"] = max(history, key=lambda h: h["val"]["rsum"])["epoch"]
     model, tokenizer, ckpt = load_model(os.path.join(model_dir, "best.pt"), device)
     for name, qb in (("cosine", False), ("querybank", True)):
-        m = train.evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(ckpt["args"]), device,
-                     num_workers=args.num_workers, querybank=qb, flip=ckpt["args"].get("eval_flip", False))
+        m = train.evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(ckpt["args"]),
+                                 num_workers=args.num_workers, querybank=qb, flip=ckpt["args"].get("eval_flip", False))
         result[name] = {d: {k: round(v, 1) for k, v in m[d].items()} for d in ("t2i", "i2t")}
         result[name]["rsum"] = round(m["rsum"], 1)
     with open(args.out, "a") as f:  # one short line: appends from parallel variants do not interleave
