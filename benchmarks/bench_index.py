@@ -275,6 +275,9 @@ def run(args, n, work):
     proc.start()
     built = queue.get()
     proc.join()
+    if args.keep:  # for bench_index_sweep.py, which searches the kept index with other settings
+        with open(os.path.join(work, f"built_{n}.json"), "w") as f:
+            json.dump(built, f)
     print(f"approximate index built in {built['build_s']:.0f} s, peak RSS {built['peak_rss_bytes'] / 2**30:.2f} GB"
           f" ({built['peak_anon_bytes'] / 2**30:.2f} GB anonymous)", flush=True)
 
