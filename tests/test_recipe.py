@@ -271,3 +271,14 @@ def test_collate_stacks_the_photos_and_pads_the_captions_to_the_longest(tiny_dat
     short = Collate(tok)([(images[0], "a red circle", 0), (images[1], "square", 1)])
     assert short["input_ids"].shape == (2, 5)  # padded to this batch's longest, not to 64
     assert Collate(tok)([(None, "square", 0)])["images"] is None  # training from the feature cache
+
+
+def test_no_same_image_mask_reaches_the_loss(tiny_data, tmp_path, monkeypatch):
+    seen, real = [], train.batch_loss
+    monkeypatch.setattr(train, "batch_loss", lambda net, batch, device, mask=True, *rest: seen.append(mask)
+                        or real(net, batch, device, mask, *rest))
+    for flags, want in (((), True), (("--no_same_image_mask",), False)):
+        seen.clear()
+        argv = train_argv(tiny_data, tmp_path / str(want), "--epochs", "1", "--max_steps", "2", *flags)
+        assert train.main(argv) == 0
+        assert seen == [want, want]
