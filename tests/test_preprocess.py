@@ -528,7 +528,10 @@ def test_checksum_mismatch_removes_the_download(tmp_path, server, monkeypatch):
 # preprocess_flickr8k.py --download, signalled (its whole process group, as a terminal's Ctrl-C does)
 # from inside the run once the first 64 KiB of the photo archive are on disk, so it lands mid-download
 # on any machine.
-SIGNAL_MID_DOWNLOAD = """import io, os, runpy, sys, download
+SIGNAL_MID_DOWNLOAD = """import io, os, runpy, signal, sys, download
+# Ctrl-C raises as in a terminal's foreground job, even where pytest runs as a shell's background job
+# (which starts with SIGINT ignored, and passes that on to what it runs).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 class Part(io.FileIO):
     def write(self, b):
         n = super().write(b)
