@@ -53,6 +53,8 @@ def get_args(argv=None):
     p.add_argument("--rerank", type=int, nargs="+", default=None, help="candidates re-ranked (default ann.RERANK)")
     p.add_argument("--bias", action="store_true", help="querybank bias per photo, subtracted from text queries")
     p.add_argument("--threads", type=int, default=2, help="threads for FAISS (NumPy's BLAS: OPENBLAS_NUM_THREADS)")
+    p.add_argument("--faiss_simd", default=None, choices=["AVX2", "AVX512", "AVX512_VPOPCNT"],
+                   help="FAISS's kernels for the searches (AVX2: as on most laptops; default: the best this CPU has)")
     p.add_argument("--work_dir", default=None, help="where the gallery file goes (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the gallery and index files")
     p.add_argument("--reuse", action="store_true", help="use a gallery file that --keep left in --work_dir")
@@ -212,6 +214,8 @@ def ann_rows(args, n, emb, q, bias, truth, ann_path, built):
 
     import ann
     faiss.omp_set_num_threads(args.threads)
+    if args.faiss_simd:
+        faiss.SIMDConfig.set_level(getattr(faiss, "SIMDLevel_" + args.faiss_simd))
     before = status_kb("RssAnon") * 1024
     ix = ann.load(ann_path, "bench")
     held = status_kb("RssAnon") * 1024 - before
@@ -227,6 +231,7 @@ def ann_rows(args, n, emb, q, bias, truth, ann_path, built):
             found.append(len(set(r[0].tolist()) & set(truth[i].tolist())) / 10)
         p50, p95 = percentiles(times)
         rows.append({"kind": f"ivfpq lists={built['lists']} nprobe={nprobe} rerank={ix.rerank}",
+                     "faiss_simd": faiss.SIMDConfig.get_level_name(),
                      "p50_ms": p50, "p95_ms": p95, "recall_at_10": float(np.mean(found)),
                      "bytes_per_photo": os.path.getsize(ann_path) / n, "rss_bytes_per_photo": held / n,
                      "disk_bytes_per_photo": 2 * args.dim + (4 if bias is not None else 0),

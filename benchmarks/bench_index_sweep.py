@@ -3,7 +3,7 @@ that `bench_index.py --keep` left in --work_dir: the same queries and exact trut
 rebuild.
 
     python benchmarks/bench_index_sweep.py --photos 10000000 --work_dir W --nprobe 32 64 128 --rerank 256 512 \
-        --json benchmarks/bench_index_10m_sweep.json
+        --json sweep.json
 """
 
 import json
