@@ -59,8 +59,8 @@ MAGIC = b"GALLERY-ANN\n"
 FLAT_BELOW = 1000  # fewer photos than this: one exact list (PQ and k-means need more points to train)
 DIMS_PER_CODE = 8  # dimensions per 8-bit sub-quantizer: 64 bytes a photo at D=512
 MAX_LISTS = 4096
-NPROBE = 64  # lists visited per query: at 10M photos in 4,096 lists, 32 lose 0.03 of recall@10
-RERANK = 512  # candidates rescored exactly per query (at 10M photos 256 lose 0.05 of recall@10)
+NPROBE = 64  # lists visited per query (fewer lose recall@10 at 10M photos: benchmarks/README.md)
+RERANK = 512  # candidates rescored exactly per query (fewer lose recall@10 at 10M photos, as above)
 REBUILD_GROWTH = 4  # built for N photos, rebuild past 4 N: longer lists, a quantizer trained on too few
 CHUNK = 65536  # rows converted to float32 at a time while adding: 128 MB at D=512
 TRAIN_PER_LIST = 32  # k-means sample per list (FAISS's default asks for 39: 32 place lists well enough)
@@ -69,8 +69,8 @@ TRAIN_MAX = 131072  # sample rows: MAX_LISTS x 32, and 512 per code centroid
 
 def lists_for(n):
     """Inverted lists for n photos: a power of two near 2 sqrt(n) (1M: 2048, 10M: 4096), at most
-    MAX_LISTS so that assigning 10M photos to lists (a product with every list's centroid) stays
-    within half an hour on two cores, and no more than the k-means sample can place."""
+    MAX_LISTS because assigning each photo to a list compares it with every list's centroid (the
+    build grows with the lists), and no more than the k-means sample can place."""
     if n < FLAT_BELOW:
         return 1
     want = 2 ** round(np.log2(2 * np.sqrt(n)))
@@ -90,7 +90,7 @@ class AnnIndex:
         self.rerank = RERANK
         # FAISS splits a batch of queries over its threads (parallel_mode 0), so the one query at a
         # time that search.py and the page send would scan its lists on one core; mode 1 splits the
-        # lists one query visits over the threads instead (benchmarks/README.md, "Scale").
+        # lists one query visits over the threads instead (benchmarks/README.md, "10,000,000 photos").
         faiss.extract_index_ivf(index).parallel_mode = 1
 
     def __len__(self):

@@ -241,8 +241,9 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     res = capsys.readouterr()
     assert "ranking by cosine similarity" in res.err
     hits = json.loads(res.out)
-    [folder_index] = [n for n in os.listdir(tmp_path / "m") if n.startswith("index_best_images-") and n.endswith(".npz")
-                      ]  # not its embeddings' .npy beside it
+    # The folder's index file, not its embeddings' .npy beside it.
+    [folder_index] = [n for n in os.listdir(tmp_path / "m")
+                      if n.startswith("index_best_images-") and n.endswith(".npz")]
     plain = index.GalleryIndex.load(str(tmp_path / "m" / folder_index))
     assert plain.bias is None and len(plain) == 64
     assert hits[0]["score"] == pytest.approx((q @ torch.from_numpy(plain.emb).float().T).max().item(), abs=1e-5)
