@@ -13,9 +13,12 @@ counts a photo as found at the best rank of any of its captions. Recalls are in 
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
+
+import torch
 
 from atomic import atomic_write
 from checkpoint import eval_image_size, load_model
@@ -48,18 +51,32 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def bank_cache(checkpoint, data_dir, options, device, amp):
-    """Where the querybank's embeddings (the train split's 30,000 captions and 6,000 photos on
-    Flickr8K: minutes to encode on a CPU) are kept beside the checkpoint, and the key that ties them
-    to the checkpoint file, the training captions and how photos and captions were encoded."""
-    try:
-        captions = os.stat(os.path.join(data_dir, "captions.csv"))
-    except OSError:
-        return None  # evaluate_split says what is missing
-    key = (f"{file_sha256(checkpoint)}:{os.path.realpath(data_dir)}:{captions.st_size}:{captions.st_mtime_ns}:"
-           f"{options['eval_image_size']}:{options['eval_flip']}:{device.type}:{amp}")
-    stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"querybank_eval_{stem}.npz"), key
+# The code whose change changes the embeddings: kept ones are not reused across an edit of these.
+ENCODING_CODE = ("checkpoint.py", "dataset.py", "device.py", "model.py", "photos.py", "retrieval.py")
+
+
+def kept_embeddings(checkpoint, data_dir, options, device, amp):
+    """keep for retrieval.evaluate_split: where evaluate.py keeps a split's embeddings (and the
+    querybank's: the train split's 30,000 captions and 6,000 photos on Flickr8K, minutes to encode
+    on a CPU) beside the checkpoint, and the key that ties them to the checkpoint file, the
+    captions file, the split's photo files, how they were encoded and the code that encodes."""
+    code = "".join(file_sha256(os.path.join(os.path.dirname(os.path.abspath(__file__)), name))
+                   for name in ENCODING_CODE)
+    base = (f"{file_sha256(checkpoint)}:{os.path.realpath(data_dir)}:{options['eval_image_size']}:"
+            f"{options['eval_flip']}:{device.type}:{amp}:{torch.__version__}:{code}")
+    stem = os.path.join(os.path.dirname(os.path.abspath(checkpoint)),
+                        f"eval_{os.path.splitext(os.path.basename(checkpoint))[0]}")
+
+    def keep(split, images):
+        files = hashlib.sha256()
+        for name in ["captions.csv", *(os.path.join("images", image) for image in images)]:
+            try:
+                st = os.stat(os.path.join(data_dir, name))
+                files.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            except OSError:
+                files.update(f"{name}:missing\n".encode())
+        return f"{stem}_{split}.npz", f"{base}:{split}:{files.hexdigest()}"
+    return keep
 
 
 def main(argv=None):
@@ -75,10 +92,9 @@ def main(argv=None):
     options = {"eval_image_size": args.eval_image_size or eval_image_size(trained),
                "eval_flip": trained.get("eval_flip", False) if args.eval_flip is None else args.eval_flip,
                "querybank": trained.get("querybank", False) if args.querybank is None else args.querybank}
-    # With querybank, where its banks' embeddings are kept (True: nowhere, evaluate_split says what is missing).
-    querybank = options["querybank"] and (bank_cache(args.checkpoint, data_dir, options, device, model.amp) or True)
-    metrics = evaluate_split(model, tokenizer, data_dir, args.split, options["eval_image_size"], args.batch_size,
-                             args.num_workers, querybank=querybank, flip=options["eval_flip"])
+    keep = kept_embeddings(args.checkpoint, data_dir, options, device, model.amp)
+    metrics = evaluate_split(model, tokenizer, data_dir, args.split, options, args.batch_size, args.num_workers,
+                             keep=keep)
     n_images = metrics["n_images"]
     print(f"{args.checkpoint} (epoch {ckpt.get('epoch')}) on {data_dir} [{args.split}]: "
           f"{n_images} photos, {metrics['n_queries']} captions; photos at {options['eval_image_size']} px"

@@ -28,6 +28,7 @@ from index import GalleryIndex, querybank_bias, scan_folder
 # a minute at that size (a third of the time encoding those photos takes).
 ANN_FROM = 100_000
 LISTED_MISSING = 5  # missing files of a list named in the warning
+SCORE_DECIMALS = 6  # scores as reported (and as --min_score compares them): float32's precision
 
 
 def log(msg):
@@ -368,11 +369,11 @@ def taken_between(ix, after=None, before=None):
 
 
 def top_hits(ix, q_emb, k, text, min_score=None, allowed=None, ann=None):
-    """[(row, score), ...] best first, per query, at least min_score if given, among the rows
-    `allowed` (taken_between) if given, exactly or through `ann` (ann.AnnIndex of ix's rows: the
-    same exact scores, the rows chosen by the approximate index; with a date filter that leaves
-    fewer than ANN_FROM photos, those are searched exactly). text: per query (or one for all),
-    whether it holds words.
+    """[(row, score), ...] best first, per query, at least min_score if given (as scores are
+    reported: a copied score keeps its hit), among the rows `allowed` (taken_between) if given,
+    exactly or through `ann` (ann.AnnIndex of ix's rows: the same exact scores, the rows chosen
+    by the approximate index; with a date filter that leaves fewer than ANN_FROM photos, those
+    are searched exactly). text: per query (or one for all), whether it holds words.
     The querybank bias corrects queries with words only: it measures how close a photo is to
     captions, the hubs that words' scores favour; a photo query meets no such hubs. A combined
     query with any words gets it (its words pull it towards the captions); one of photos alone
@@ -387,12 +388,13 @@ def top_hits(ix, q_emb, k, text, min_score=None, allowed=None, ann=None):
         scores, rows = (ix.top_k(q, k, bias=bias, allowed=allowed) if ann is None
                         else ann.search(q, k, ix.emb, bias, allowed, exact_below=ANN_FROM))
         for i, rr, ss in zip(qs, rows.tolist(), scores.tolist()):
-            hits[i] = [(r, s) for r, s in zip(rr, ss) if min_score is None or s >= min_score]
+            hits[i] = [(r, s) for r, s in zip(rr, ss)
+                       if min_score is None or round(s, SCORE_DECIMALS) >= min_score]
     return hits
 
 
 def result_rows(labels, results):
     """The JSON of search results ([[(path, score), ...] per label]): one row per hit, with
     readable() strings so that any file name gives valid JSON."""
-    return [{"query": readable(label), "rank": r, "path": readable(p), "score": round(s, 6)}
+    return [{"query": readable(label), "rank": r, "path": readable(p), "score": round(s, SCORE_DECIMALS)}
             for label, hits in zip(labels, results) for r, (p, s) in enumerate(hits, 1)]

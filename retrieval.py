@@ -4,8 +4,12 @@ the frozen image blocks' output on a split's photos, which train.py computes onc
     python -c "import retrieval, torch; print(retrieval.recall_metrics(torch.eye(3), torch.eye(3), torch.arange(3)))"
 
 Convention: a rank is 1-based, and a tie counts against the model (an item with the same score
-as the target ranks above it), so duplicate photos never flatter the figures.
+as the target ranks above it), so duplicate photos never flatter the figures. Scores within TIE
+of each other are tied: float32 rounding (which differs with a row's place in a matrix product and
+with the CPU's kernels) must not decide between duplicates.
 """
+
+import sys
 
 import numpy as np
 import torch
@@ -19,6 +23,7 @@ from dataset import AugmentedImages, EvalSplit, read_captions, tokenize
 from interrupt import held, ignore_sigterm
 
 KS = (1, 5, 10)
+TIE = 1e-6  # about eight float32 steps at a score of 1; distinct items score further apart
 
 
 @torch.no_grad()
@@ -138,7 +143,7 @@ def t2i_ranks(scores, caption_image):
     """(Q,) rank of each caption's photo in its row of scores (Q, N): 1 + the number of other
     photos scoring at least as high (ties count against the model)."""
     target = scores[torch.arange(len(scores)), caption_image]
-    return (scores >= target[:, None]).sum(1)
+    return (scores >= target[:, None] - TIE).sum(1)
 
 
 def recall_metrics(img_emb, txt_emb, caption_image, img_bias=None, txt_bias=None):
@@ -159,7 +164,7 @@ def recall_metrics(img_emb, txt_emb, caption_image, img_bias=None, txt_bias=None
     n = img_emb.shape[0]
     best_own = torch.full((n,), float("-inf")).scatter_reduce(0, caption_image, target, "amax")
     own = caption_image[None, :] == torch.arange(n)[:, None]  # (N, Q)
-    i2t = ((i2t_sims.T >= best_own[:, None]) & ~own).sum(1) + 1
+    i2t = ((i2t_sims.T >= best_own[:, None] - TIE) & ~own).sum(1) + 1
     metrics = {"t2i": rank_summary(t2i), "i2t": rank_summary(i2t)}
     metrics["rsum"] = sum(metrics[d][f"R@{k}"] for d in ("t2i", "i2t") for k in KS)
     metrics["n_images"], metrics["n_queries"] = n, len(sims)
@@ -172,39 +177,54 @@ def caption_bank(model, tokenizer, data_dir, device):
                         desc="encoding the caption bank")
 
 
-def evaluate_split(model, tokenizer, data_dir, split, image_size, batch_size=64, num_workers=0, querybank=False,
-                   flip=False, image_embeddings=None):
+def kept_or_encoded(keep, encode, what):
+    """encode()'s dict of (n, D) float32 CPU tensors, or the arrays that an earlier call kept under
+    keep = (path, key); what is encoded is kept there. float32: a call that reads them gives the
+    very figures of the one that encoded them."""
+    kept = read_keyed(*keep) if keep else None
+    if kept is not None:
+        print(f"{what}: embeddings reused from {keep[0]} (same checkpoint, data, options and code)", file=sys.stderr)
+        return {name: torch.from_numpy(array) for name, array in kept.items()}
+    out = encode()
+    if keep:
+        write_keyed(*keep, **{name: t.numpy() for name, t in out.items()})
+    return out
+
+
+def evaluate_split(model, tokenizer, data_dir, split, options, batch_size=64, num_workers=0, image_embeddings=None,
+                   keep=None):
     """Encode one split's photos and captions on the model's device and return its recall_metrics.
-    querybank: rank with querybank normalisation, the banks being the train split's captions and
-    photos; a (path, key) pair also keeps the banks' embeddings there for the next call with the
-    same key (evaluate.py). flip: embed each photo averaged with its mirror image (train.py
-    --eval_flip). image_embeddings: a function of the model (in eval mode) giving the photos'
-    embeddings in EvalSplit order, instead of encoding them (train.py: from the frozen blocks'
-    cached output)."""
+    options, train.py's inference flags: "eval_image_size" (photo side), "eval_flip" (embed each
+    photo averaged with its mirror image) and "querybank" (rank with querybank normalisation, the
+    banks being the train split's captions and photos), the last two off when absent.
+    image_embeddings: a function of the model (in eval mode) giving the photos' embeddings in
+    EvalSplit order, instead of encoding them (train.py: from the frozen blocks' cached output).
+    keep: a function of a split's name ("querybank": the banks) and its photos giving the
+    (path, key) under which their embeddings are kept for the next call (evaluate.py), or None."""
+    image_size, flip = options["eval_image_size"], options.get("eval_flip", False)
     data, device = EvalSplit(data_dir, split, image_size), model.logit_scale.device
     was_training = model.training
     model.eval()
-    if image_embeddings is not None:
-        img_emb = image_embeddings(model)
-    else:
-        img_emb = encode_image_dataset(model, data.image_dataset, device, batch_size, num_workers, flip=flip)
-    txt_emb = encode_texts(model, tokenizer, data.captions, device)
+
+    def encode_split():
+        photos = (image_embeddings(model) if image_embeddings is not None else
+                  encode_image_dataset(model, data.image_dataset, device, batch_size, num_workers, flip=flip))
+        return {"photos": photos, "captions": encode_texts(model, tokenizer, data.captions, device)}
+    emb = kept_or_encoded(keep and keep(split, data.images), encode_split, f"the {split} split")
     img_bias = txt_bias = None
-    if querybank:
-        bank_cache = querybank if isinstance(querybank, tuple) else None
-        kept = read_keyed(*bank_cache) if bank_cache else None
-        if kept is not None:
-            bank_txt, bank_img = torch.from_numpy(kept["captions"]), torch.from_numpy(kept["photos"])
-        else:
-            bank_txt = caption_bank(model, tokenizer, data_dir, device)
-            bank_img = encode_image_dataset(model, EvalSplit(data_dir, "train", image_size).image_dataset, device,
-                                            batch_size, num_workers, desc="encoding the photo bank", flip=flip)
-            if bank_cache:  # float32: a call that reads them gives the very figures of the first
-                write_keyed(*bank_cache, captions=bank_txt.numpy(), photos=bank_img.numpy())
+    if options.get("querybank", False):
+        train = EvalSplit(data_dir, "train", image_size)
+
+        def encode_banks():
+            return {"captions": caption_bank(model, tokenizer, data_dir, device),
+                    "photos": encode_image_dataset(model, train.image_dataset, device, batch_size, num_workers,
+                                                   desc="encoding the photo bank", flip=flip)}
+        banks = kept_or_encoded(keep and keep("querybank", train.images), encode_banks, "the querybank")
         scale = model.logit_scale.exp().item()
-        img_bias, txt_bias = querybank_bias(img_emb, bank_txt, scale), querybank_bias(txt_emb, bank_img, scale)
+        img_bias = querybank_bias(emb["photos"], banks["captions"], scale)
+        txt_bias = querybank_bias(emb["captions"], banks["photos"], scale)
     model.train(was_training)
-    return recall_metrics(img_emb, txt_emb, data.caption_image, img_bias, txt_bias)
+    return recall_metrics(emb["photos"], emb["captions"], data.caption_image, img_bias, txt_bias)
 
 
 def format_metrics(metrics):

@@ -301,9 +301,9 @@ def end_epoch(r, loss, pairs_per_s, val=None):
     args, state, epoch = r.args, r.state, r.state["epoch"] + 1
     metrics = None
     if epoch >= args.validate_from or epoch >= args.epochs or state["step"] >= r.total_steps:
-        metrics = evaluate_split(r.model, r.tokenizer, args.data_dir, "val", eval_image_size(r.model_args),
-                                 num_workers=min(args.num_workers, 2), flip=r.model_args.get("eval_flip", False),
-                                 image_embeddings=val)
+        options = {"eval_image_size": eval_image_size(r.model_args), "eval_flip": r.model_args.get("eval_flip", False)}
+        metrics = evaluate_split(r.model, r.tokenizer, args.data_dir, "val", options,
+                                 num_workers=min(args.num_workers, 2), image_embeddings=val)
     state["history"].append({"epoch": epoch, "step": state["step"], "loss": loss, "pairs_per_s": pairs_per_s,
                              "logit_scale": r.model.logit_scale.exp().item(), "val": metrics})
     improved = metrics is not None and metrics["rsum"] > state["best_rsum"]

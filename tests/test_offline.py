@@ -157,9 +157,10 @@ def test_validation_on_cached_val_blocks_matches_evaluate_split(tiny_data, flip,
     data = EvalSplit(tiny_data, "val", 72)
     embeddings = retrieval.cache_val_trunk(m, 16, tiny_data, 72, flip, cpu)
     assert m.training
-    got = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, flip=flip, image_embeddings=embeddings)
+    options = {"eval_image_size": 72, "eval_flip": flip}
+    got = retrieval.evaluate_split(m, tok, tiny_data, "val", options, image_embeddings=embeddings)
     assert m.training  # evaluate_split puts it back
-    want = retrieval.evaluate_split(m, tok, tiny_data, "val", 72, flip=flip)
+    want = retrieval.evaluate_split(m, tok, tiny_data, "val", options)
     for d in ("t2i", "i2t"):
         assert got[d] == pytest.approx(want[d], rel=1e-6)
     m.eval()

@@ -118,13 +118,18 @@ def test_a_path_that_is_no_file_stays_words(setup, capsys):
 def test_min_score_keeps_the_hits_at_least_that(setup, capsys):
     full, _ = run(capsys, setup, "--query", "a green square")
     cut = full[2]["score"]  # the 3rd hit's score, as JSON rounds it: hits 1-3 score at least it
-    rows, _ = run(capsys, setup, "--query", "a green square", "--min_score", cut - 1e-6)
+    rows, _ = run(capsys, setup, "--query", "a green square", "--min_score", cut)
     assert rows == full[:3]
     rows, _ = run(capsys, setup, "--query", "a green square", "--min_score", 5)
     assert rows == []
     ix = GalleryIndex("f", "/", 2)  # scores exact in float16: a hit at exactly min_score stays
     ix.emb, ix.paths = np.array([[1, 0], [0.5, 0.5], [0, 1]], np.float16), ["a", "b", "c"]
     assert gallery.top_hits(ix, [[1.0, 0.0]], 3, False, min_score=0.5) == [[(0, 1.0), (1, 0.5)]]
+    # a score just below the one the JSON shows (0.5 in float16 is exact: 0.4999996 is not) still
+    # passes that shown score; one a reported step below does not
+    ix.emb = np.array([[1, 0], [0.4999996, 0], [0, 1]], np.float32)
+    assert gallery.top_hits(ix, [[1.0, 0.0]], 3, False, min_score=0.5)[0][1][0] == 1
+    assert len(gallery.top_hits(ix, [[1.0, 0.0]], 3, False, min_score=0.500001)[0]) == 1
 
 
 def test_paths_prints_only_paths(setup, capsysbinary):

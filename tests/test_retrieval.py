@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from retrieval import querybank_bias, recall_metrics
@@ -85,6 +86,18 @@ def test_biased_metrics_rank_the_adjusted_similarities():
     assert got["t2i"] != recall_metrics(img, txt, caption_image)["t2i"]  # the biases changed the ranking
 
 
+def test_duplicates_a_rounding_step_apart_still_tie_against_the_model():
+    # Biases of identical rows can differ in the last float32 bit (a row's place in a matrix product,
+    # the CPU's kernels): the duplicate must still count as a tie, in both directions.
+    step = torch.finfo(torch.float32).eps
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # a photo and its duplicate
+    txt = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # a caption of each, the same words
+    m = recall_metrics(img, txt, torch.tensor([0, 1]), img_bias=torch.tensor([0.0, step]),
+                       txt_bias=torch.tensor([step, 0.0]))
+    assert m["t2i"]["mean_rank"] == 2.0 and m["t2i"]["R@1"] == 0.0
+    assert m["i2t"]["mean_rank"] == 2.0 and m["i2t"]["R@1"] == 0.0
+
+
 def test_querybank_demotes_a_hub():
     # Four photos and a "hub" photo that every caption is a little closer to than to its own.
     e = torch.eye(5)[:4]
@@ -98,29 +111,60 @@ def test_querybank_demotes_a_hub():
     assert fixed["t2i"]["R@1"] == 100.0
 
 
-def test_evaluate_keeps_the_querybank_beside_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+def test_evaluate_keeps_its_embeddings_beside_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+    # A second evaluate.py call reads the split's and the querybank's embeddings instead of
+    # encoding them, with the very figures of an uncached evaluation; a changed photo, checkpoint or
+    # option encodes again.
     import json
     import os
+    import shutil
 
     from tiny import make_checkpoint
 
     import evaluate
     import retrieval
-    ck = make_checkpoint(tmp_path / "m" / "best.pt", os.path.join(tiny_data, "text_encoder"), 0,
-                         querybank=True, data_dir=tiny_data)
+    from checkpoint import load_model
+    data = str(tmp_path / "data")
+    shutil.copytree(tiny_data, data)  # its photos' times change below
+    ck = make_checkpoint(tmp_path / "m" / "best.pt", os.path.join(data, "text_encoder"), 0,
+                         querybank=True, data_dir=data)
     encoded, real = [], retrieval.encode_image_dataset
     monkeypatch.setattr(retrieval, "encode_image_dataset",
-                        lambda *a, **k: encoded.append(k.get("desc")) or real(*a, **k))
+                        lambda *a, **k: encoded.append(k.get("desc", "split")) or real(*a, **k))
+    texts, real_texts = [], retrieval.encode_texts
+    monkeypatch.setattr(retrieval, "encode_texts", lambda *a, **k: texts.append(len(a[2])) or real_texts(*a, **k))
     out = tmp_path / "r.json"
 
     def figures(*extra):
         assert evaluate.main(["--checkpoint", ck, "--split", "val", "--num_workers", "0", "--device", "cpu",
                               "--output_json", str(out), *extra]) == 0
         return json.loads(out.read_text())
+
+    def counts():
+        return encoded.count("split"), encoded.count("encoding the photo bank"), len(texts)
     first = figures()
-    assert encoded.count("encoding the photo bank") == 1
-    assert figures() == first and encoded.count("encoding the photo bank") == 1  # the kept bank, same figures
-    assert figures("--eval_flip")["eval_flip"] is True and encoded.count("encoding the photo bank") == 2
-    assert figures() == first and encoded.count("encoding the photo bank") == 3  # one bank is kept: the last
-    os.utime(ck, ns=(1, 2))  # the same content: the bank still serves
-    assert figures() == first and encoded.count("encoding the photo bank") == 3
+    model, tok, _ = load_model(ck, torch.device("cpu"))
+    options = {"eval_image_size": 32, "querybank": True}
+    want = real(model, retrieval.EvalSplit(data, "val", 32).image_dataset, torch.device("cpu"))
+    assert counts() == (1, 1, 2)  # the val captions, then the caption bank
+    fresh = retrieval.evaluate_split(model, tok, data, "val", options)  # no keep: all encoded again
+    assert counts() == (2, 2, 4)
+    assert {d: first[d] for d in ("t2i", "i2t")} == {d: fresh[d] for d in ("t2i", "i2t")}
+    kept = np.load(tmp_path / "m" / "eval_best_val.npz")
+    assert torch.equal(torch.from_numpy(kept["photos"]), want)
+    assert figures() == first and counts() == (2, 2, 4)  # all kept: nothing encoded
+    assert figures("--eval_flip")["eval_flip"] is True and counts() == (3, 3, 6)
+    assert figures() == first and counts() == (4, 4, 8)  # one file a split: the last options
+    os.utime(ck, ns=(1, 2))  # the same content: the kept embeddings still serve
+    assert figures() == first and counts() == (4, 4, 8)
+    val_photo = retrieval.EvalSplit(data, "val", 32).images[0]
+    os.utime(os.path.join(data, "images", val_photo), ns=(3, 4))  # a val photo changed: the bank still serves
+    assert figures() == first and counts() == (5, 4, 9)
+    train_photo = retrieval.EvalSplit(data, "train", 32).images[0]
+    os.utime(os.path.join(data, "images", train_photo), ns=(3, 4))  # a train photo changed: the bank again
+    assert figures() == first and counts() == (5, 5, 10)
+    state = torch.load(ck, weights_only=True)
+    state["model"]["logit_scale"] += 1.0  # another checkpoint: everything encoded again
+    torch.save(state, ck)
+    figures()
+    assert counts() == (6, 6, 12)

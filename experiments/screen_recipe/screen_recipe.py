@@ -139,8 +139,9 @@ def main(argv=None):
     result["best_epoch"] = max(history, key=lambda h: h["val"]["rsum"])["epoch"]
     model, tokenizer, ckpt = load_model(os.path.join(model_dir, "best.pt"), device)
     for name, qb in (("cosine", False), ("querybank", True)):
-        m = train.evaluate_split(model, tokenizer, args.data_dir, "val", eval_image_size(ckpt["args"]),
-                                 num_workers=args.num_workers, querybank=qb, flip=ckpt["args"].get("eval_flip", False))
+        options = {"eval_image_size": eval_image_size(ckpt["args"]), "eval_flip": ckpt["args"].get("eval_flip", False),
+                   "querybank": qb}
+        m = train.evaluate_split(model, tokenizer, args.data_dir, "val", options, num_workers=args.num_workers)
         result[name] = {d: {k: round(v, 1) for k, v in m[d].items()} for d in ("t2i", "i2t")}
         result[name]["rsum"] = round(m["rsum"], 1)
     with open(args.out, "a") as f:  # one short line: appends from parallel variants do not interleave
