@@ -222,7 +222,7 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
     assert ix.fingerprint == encoder.index_key(encoder.file_sha256(best), 72, True)
     bank = real_bank(model, tok, ck["args"]["data_dir"], torch.device("cpu")).half().float()
     scale = model.logit_scale.exp().item()
-    emb, bias = torch.from_numpy(ix.emb).float(), torch.from_numpy(ix.bias)
+    emb, bias = torch.tensor(ix.emb).float(), torch.tensor(ix.bias)  # copies: the index is read-only
     assert torch.allclose(bias, retrieval.querybank_bias(emb, bank, scale), atol=1e-5)
     q = retrieval.encode_texts(model, tok, ["a red circle"], torch.device("cpu"))
     expect = (q @ emb.T)[0] - bias
@@ -246,7 +246,7 @@ def test_inference_options_of_the_checkpoint_steer_evaluate_and_search(trained, 
                       if n.startswith("index_best_images-") and n.endswith(".npz")]
     plain = index.GalleryIndex.load(str(tmp_path / "m" / folder_index))
     assert plain.bias is None and len(plain) == 64
-    assert hits[0]["score"] == pytest.approx((q @ torch.from_numpy(plain.emb).float().T).max().item(), abs=1e-5)
+    assert hits[0]["score"] == pytest.approx((q @ torch.tensor(plain.emb).float().T).max().item(), abs=1e-5)
 
 
 def test_resume_at_epoch_boundary_gives_the_same_weights(tiny_data, tmp_path, monkeypatch):
@@ -340,3 +340,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monk
         train.main(train_argv(tiny_data, tmp_path, "--epochs", "2", "--resume"))
     kept = weights(tmp_path / "last.pt")
     assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+def test_data_loader_workers_default_to_at_most_the_cores(monkeypatch):
+    # four workers, but not more than the machine has cores (a 2-core laptop would only contend)
+    for cores, want in ((2, 2), (1, 1), (16, 4), (None, 1)):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        assert train.get_args([]).num_workers == want
+    assert train.get_args(["--num_workers", "3"]).num_workers == 3
