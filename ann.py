@@ -39,7 +39,6 @@ numpy and faiss only; imported only where the approximate index is used.
 """
 
 import json
-import os
 import zlib
 
 import numpy as np
@@ -50,9 +49,9 @@ except ImportError:  # a clear message instead of a traceback for users of exact
     raise ImportError("the approximate index (--ann) needs FAISS: pip install 'faiss-cpu>=1.9,<2'")
 
 from atomic import atomic_path
+from cli import usable_cores
 
-# FAISS's OpenMP uses every core it sees; a container or `taskset` may allow fewer.
-faiss.omp_set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+faiss.omp_set_num_threads(usable_cores())  # FAISS's OpenMP would use every core of the machine
 
 FORMAT = "gallery-ann-1"
 MAGIC = b"GALLERY-ANN\n"

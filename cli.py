@@ -9,6 +9,7 @@ A type below turns "--batch_size 0" into argparse's usual message and exit statu
 import argparse
 import datetime
 import math
+import os
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -50,3 +51,9 @@ def iso_date(text):
         return datetime.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a date written YYYY-MM-DD, not {text}")
+
+
+def usable_cores():
+    """The cores this process may run on: os.cpu_count() counts the machine's, and a container or
+    `taskset` may allow fewer."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

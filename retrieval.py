@@ -141,7 +141,7 @@ def querybank_bias(gallery, bank, scale, chunk=2048):
 
 def t2i_ranks(scores, caption_image):
     """(Q,) rank of each caption's photo in its row of scores (Q, N): 1 + the number of other
-    photos scoring at least as high (ties count against the model)."""
+    photos scoring at least as high, to within TIE (ties count against the model)."""
     target = scores[torch.arange(len(scores)), caption_image]
     return (scores >= target[:, None] - TIE).sum(1)
 

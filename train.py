@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import cli
 from atomic import atomic_write
 from checkpoint import (
     eval_image_size,
@@ -51,7 +52,7 @@ def build_parser():
     p.add_argument("--data_dir", default="data/flickr8k", help="output of preprocess_flickr8k.py")
     p.add_argument("--model_dir", default="models", help="where checkpoints and logs go")
     p.add_argument("--image_size", type=positive_int, default=224, help="image side in pixels")
-    p.add_argument("--num_workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),  # no more than cores
+    p.add_argument("--num_workers", type=non_negative_int, default=min(4, cli.usable_cores()),
                    help="DataLoader worker processes (with --image_cache_views: caching and validation only)")
     p.add_argument("--eval_image_size", type=non_negative_int, default=0,
                    help="photo side for validation, evaluate.py and search.py (0: --image_size); see RESULTS.md")

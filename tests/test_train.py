@@ -344,7 +344,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monk
 
 def test_data_loader_workers_default_to_at_most_the_cores(monkeypatch):
     # four workers, but not more than the machine has cores (a 2-core laptop would only contend)
-    for cores, want in ((2, 2), (1, 1), (16, 4), (None, 1)):
+    for cores, want in ((2, 2), (1, 1), (16, 4)):  # the cores this process may use (taskset, a container)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)), raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 64)
+        assert train.get_args([]).num_workers == want
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows: the machine's
+    for cores, want in ((2, 2), (16, 4), (None, 1)):
         monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
         assert train.get_args([]).num_workers == want
     assert train.get_args(["--num_workers", "3"]).num_workers == 3
