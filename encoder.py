@@ -7,10 +7,11 @@ start) when the export is current for the checkpoint, else from the checkpoint o
 
 An export is a folder beside the checkpoint (best.pt -> best_onnx/): text.onnx (token ids and
 attention mask -> joint embedding), image.onnx (normalised photos -> joint embedding), both with a
-dynamic batch (and length), tokenizer.json, querybank.npy (the training captions' embeddings, for a
-checkpoint that ranks with querybank normalisation) and export.json: what preprocessing needs, the
-checkpoint's args, and the checkpoint file's size, time and SHA-256, so that a retrained best.pt
-never meets a stale export. export.json is written last: a folder without it is no export.
+dynamic batch (and length) and their weights beside them (text.onnx.data, image.onnx.data),
+tokenizer.json, querybank.npy (the training captions' embeddings, for a checkpoint that ranks with
+querybank normalisation) and export.json: what preprocessing needs, the checkpoint's args, and
+the checkpoint file's size, time and SHA-256, so that a retrained best.pt never meets a stale
+export. export.json is written last: a folder without it is no export.
 """
 
 import hashlib
@@ -26,6 +27,7 @@ from atomic import read_keyed, write_keyed
 EXPORT_VERSION = 1
 MAX_LENGTH = 64  # tokens per caption, as dataset.tokenize truncates in training
 TEXT_BATCH = 256  # captions per onnxruntime call
+INT8 = "text"  # export.json's "int8" when export.py --int8 wrote text.int8.onnx (photos stay fp32)
 
 
 def log(msg):
@@ -45,12 +47,11 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def index_key(checkpoint_sha, image_size, flip, int8=False):
+def index_key(checkpoint_sha, image_size, flip):
     """What an index of photo embeddings is tied to: the checkpoint file (its content, so a copy
     keeps its indexes and a retrained one gets new ones) and how photos are encoded. Both
     runtimes give the same embeddings (to 1e-4 in cosine), so they share an index."""
-    return hashlib.sha256(f"{checkpoint_sha}:image_size={image_size}:flip={flip}"
-                          f"{':int8' if int8 else ''}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{checkpoint_sha}:image_size={image_size}:flip={flip}".encode()).hexdigest()[:16]
 
 
 def normalise(images, mean, std):
@@ -92,20 +93,20 @@ class OnnxEncoder:
         if not _is_current(meta["checkpoint"], checkpoint):
             raise ExportProblem(f"the export {self.folder} is of an earlier {os.path.basename(checkpoint)} (the "
                                 f"checkpoint changed since); refresh it: python export.py --checkpoint {checkpoint}")
-        if int8 and not meta["int8"]:
-            raise ExportProblem(f"the export {self.folder} has no int8 graphs; write them: "
+        if int8 and meta["int8"] != INT8:  # True: int8 graphs of an earlier kind
+            raise ExportProblem(f"the export {self.folder} has no int8 text graph; write it: "
                                 f"python export.py --checkpoint {checkpoint} --int8")
         for name, size in meta["files"].items():
             path = os.path.join(self.folder, name)
             if not os.path.isfile(path) or os.path.getsize(path) != size:
                 raise ExportProblem(f"the export {self.folder} is damaged ({name} is missing or truncated); "
                                     f"write it again: python export.py --checkpoint {checkpoint}")
-        self.meta, self.int8 = meta, int8
+        self.meta = meta
         self.args = meta["args"]
         self.image_size, self.flip, self.dim = meta["image_size"], meta["flip"], meta["dim"]
         self.mean, self.std, self.logit_scale = meta["mean"], meta["std"], meta["logit_scale"]
         self.checkpoint_sha = meta["checkpoint"]["sha256"]
-        self.fingerprint = index_key(self.checkpoint_sha, self.image_size, self.flip, int8)
+        self.fingerprint = index_key(self.checkpoint_sha, self.image_size, self.flip)
         from tokenizers import Tokenizer
         self.tokenizer = self._open(Tokenizer.from_file, "tokenizer.json")
         self.text = self._open(session, "text.int8.onnx" if int8 else "text.onnx")
@@ -137,7 +138,7 @@ class OnnxEncoder:
         image, as model.DualEncoder.encode_images."""
         if self._image is None:
             try:
-                self._image = self._open(session, "image.int8.onnx" if self.int8 else "image.onnx")
+                self._image = self._open(session, "image.onnx")
             except ExportProblem as e:
                 raise SystemExit(f"error: {e}.")
         x = normalise(images, self.mean, self.std)
@@ -247,7 +248,12 @@ def _importable(name):
 
 def load(checkpoint, runtime="auto", device="auto", int8=False):
     """The encoder of a checkpoint: runtime 'onnx' (its export, or a clear error), 'torch', or
-    'auto': the export when it is present and current, else PyTorch (on `device`)."""
+    'auto': the export when it is present and current, else PyTorch (on `device`). int8: text
+    queries on the export's int8 text graph (export.py --int8), which only the export has."""
+    if int8 and runtime == "torch":
+        raise SystemExit("error: --int8 runs the export's int8 text graph on onnxruntime; it does not apply "
+                         "to --runtime torch.")
+    runtime = "onnx" if int8 else runtime  # never PyTorch instead: it has no int8 text tower
     if runtime in ("auto", "onnx"):
         try:
             return OnnxEncoder(checkpoint, int8)

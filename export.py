@@ -4,9 +4,10 @@
     python export.py --checkpoint models/fast/best.pt --int8
 
 Writes <checkpoint without .pt>_onnx/ beside it: the text and image graphs (fp32; with --int8 also
-dynamically quantised ones), the tokenizer, the querybank of a checkpoint that ranks with it, and
-export.json (encoder.py's docstring describes the folder). search.py and serve.py use it while it
-is current for the checkpoint. train.py exports best.pt when training ends (write_export).
+a dynamically quantised text graph, for search.py --int8), the tokenizer, the querybank of a
+checkpoint that ranks with it, and export.json (encoder.py's docstring describes the folder).
+search.py and serve.py use it while it is current for the checkpoint. train.py exports best.pt
+when training ends (write_export).
 """
 
 import argparse
@@ -17,7 +18,7 @@ import sys
 
 import numpy as np
 
-from encoder import EXPORT_VERSION, export_dir, file_sha256, log, normalise, session
+from encoder import EXPORT_VERSION, INT8, export_dir, file_sha256, log, normalise, session
 
 MIN_COSINE = 0.9999  # an export must give the checkpoint's embeddings to this cosine, or it is not written
 
@@ -45,6 +46,7 @@ def write_export(checkpoint, int8=False, data_dir=None):
     try:
         size = eval_image_size(args)
         _export_graphs(model, tokenizer, tmp, size)
+        _optimise(tmp, model.text_tower.config)
         if int8:
             _quantise(tmp)
         tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))  # what the tokenizers library reads
@@ -62,7 +64,7 @@ def write_export(checkpoint, int8=False, data_dir=None):
         meta = {"version": EXPORT_VERSION, "args": args, "image_size": size, "flip": bool(args.get("eval_flip")),
                 "dim": model.image_proj.out_features, "mean": (model.mean[0, :, 0, 0] / 255).tolist(),
                 "std": (model.std[0, :, 0, 0] / 255).tolist(), "logit_scale": model.logit_scale.exp().item(),
-                "pad_id": tokenizer.pad_token_id, "querybank": querybank, "int8": int8,
+                "pad_id": tokenizer.pad_token_id, "querybank": querybank, "int8": INT8 if int8 else False,
                 "checkpoint": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha},
                 "files": {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}}
         with open(os.path.join(tmp, "export.json"), "w", encoding="utf-8") as f:
@@ -118,21 +120,47 @@ def _export_graphs(model, tokenizer, folder, size):
                           dynamic_axes={"images": {0: "batch"}, "img_emb": {0: "batch"}})
 
 
-def _quantise(folder):
-    """text.int8.onnx and image.int8.onnx beside the fp32 graphs: weights in int8, activations
-    quantised on the fly (onnxruntime's dynamic quantisation)."""
+def _optimise(folder, text_config):
+    """Make the fp32 graphs quick to load and run: the text graph's attention, layer norms and
+    GELUs become onnxruntime's fused operators (its transformers optimizer; the same embeddings,
+    which _check confirms), and both graphs keep their weights in a .data file beside them, which
+    onnxruntime maps instead of parsing: most of a cold query's session start
+    (benchmarks/cold_search.py measures it). The fused graph needs onnxruntime, as search does."""
     import logging
 
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    text = os.path.join(folder, "text.onnx")
+    fused = optimize_model(text, "bert", num_heads=text_config.num_attention_heads,
+                           hidden_size=text_config.hidden_size).model
+    for name, graph in (("text", fused), ("image", onnx.load(os.path.join(folder, "image.onnx")))):
+        path = os.path.join(folder, f"{name}.onnx")
+        onnx.save_model(graph, path, save_as_external_data=True, location=f"{name}.onnx.data")
+        shutil.copymode(path, path + ".data")  # onnx writes it owner-only; readable as the graph is
+
+
+def _quantise(folder):
+    """text.int8.onnx beside the fp32 graphs: the fused text graph's weights in int8 (per output
+    channel, in the 7-bit range that onnxruntime advises for CPUs without VNNI), activations
+    quantised on the fly, the embedding table left in fp32. The settings that lost least recall
+    (RESULTS.md); photos stay fp32: int8 convolutions lost far more and ran slower."""
+    import logging
+
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the model first, once per graph
-    for part in ("text", "image"):
-        quantize_dynamic(os.path.join(folder, f"{part}.onnx"), os.path.join(folder, f"{part}.int8.onnx"),
-                         weight_type=QuantType.QInt8)
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the model first
+    src, dst = os.path.join(folder, "text.onnx"), os.path.join(folder, "text.int8.onnx")
+    # DefaultTensorType: the type of what the fused operators put out, which onnx's shape inference cannot tell.
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm", "Attention"], per_channel=True,
+                     reduce_range=True, weight_type=QuantType.QInt8, use_external_data_format=True,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    shutil.copymode(dst, dst + ".data")
 
 
 def _check(model, tokenizer, folder, checkpoint, size):
     """Refuse an export whose graphs do not give the checkpoint's embeddings (min cosine over a
-    few captions and photos below MIN_COSINE); report the int8 graphs' agreement."""
+    few captions and photos below MIN_COSINE); report the int8 text graph's agreement."""
     import torch
 
     from dataset import tokenize
@@ -144,25 +172,26 @@ def _check(model, tokenizer, folder, checkpoint, size):
         want_txt = model.encode_texts(tokens["input_ids"], tokens["attention_mask"]).numpy()
         want_img = model.encode_images(torch.from_numpy(images)).numpy()
     mean, std = (model.mean[0, :, 0, 0] / 255).tolist(), (model.std[0, :, 0, 0] / 255).tolist()
-    for suffix in (".onnx", ".int8.onnx"):
-        if not os.path.isfile(os.path.join(folder, "text" + suffix)):
-            break
-        got_txt = session(os.path.join(folder, "text" + suffix)).run(None, {"input_ids": tokens["input_ids"].numpy(),
-                                                   "attention_mask": tokens["attention_mask"].numpy()})[0]
-        got_img = session(os.path.join(folder, "image" + suffix)).run(None, {"images": normalise(images, mean, std)})[0]
-        cos = min(float((want_txt * got_txt).sum(1).min()), float((want_img * got_img).sum(1).min()))
-        if suffix != ".onnx":
-            log(f"int8 graphs: min cosine to PyTorch fp32 {cos:.4f}")
-        elif cos < MIN_COSINE:
-            raise SystemExit(f"error: the export of {checkpoint} does not reproduce its embeddings (min cosine "
-                             f"{cos:.6f} < {MIN_COSINE}); nothing was written. Please report this with the "
-                             "checkpoint's image_encoder and text_encoder.")
+
+    def text_cos(name):
+        got = session(os.path.join(folder, name)).run(None, {"input_ids": tokens["input_ids"].numpy(),
+                                                        "attention_mask": tokens["attention_mask"].numpy()})[0]
+        return float((want_txt * got).sum(1).min())
+    got_img = session(os.path.join(folder, "image.onnx")).run(None, {"images": normalise(images, mean, std)})[0]
+    cos = min(text_cos("text.onnx"), float((want_img * got_img).sum(1).min()))
+    if cos < MIN_COSINE:
+        raise SystemExit(f"error: the export of {checkpoint} does not reproduce its embeddings (min cosine "
+                         f"{cos:.6f} < {MIN_COSINE}); nothing was written. Please report this with the "
+                         "checkpoint's image_encoder and text_encoder.")
+    if os.path.isfile(os.path.join(folder, "text.int8.onnx")):
+        log(f"int8 text graph: min cosine to PyTorch fp32 {text_cos('text.int8.onnx'):.4f}")
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="models/best.pt", help="trained checkpoint")
-    p.add_argument("--int8", action="store_true", help="also write int8 graphs (dynamic quantisation; see RESULTS.md)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write an int8 text graph, for search.py --int8 (RESULTS.md)")
     p.add_argument("--data_dir", default=None,
                    help="dataset whose training captions are the querybank (default: the checkpoint's)")
     return p.parse_args(argv)

@@ -22,10 +22,8 @@ from cli import non_negative_int, positive_int
 from index import GalleryIndex, querybank_bias, scan_folder
 
 # Exact search below this many photos, the approximate index from there on (or at any size with
-# --ann). benchmarks/bench_index.py on 2 cores (benchmarks/README.md, "Where the approximate index
-# starts"): exact search costs 3-6 ms per 1,000 photos, so past 100,000 a query waits 0.3 s and
-# more for it, while the approximate index answers in 1-2 ms at recall@10 0.98, built once in about
-# a minute at that size (a third of the time encoding those photos takes).
+# --ann): past it a query waits longer for exact search than the approximate index costs to build
+# once and lose in recall (benchmarks/README.md, "Where the approximate index starts").
 ANN_FROM = 100_000
 LISTED_MISSING = 5  # missing files of a list named in the warning
 SCORE_DECIMALS = 6  # scores as reported (and as --min_score compares them): float32's precision
@@ -141,6 +139,8 @@ def add_gallery_args(p, batch_size, num_workers):
     p.add_argument("--runtime", default="auto", choices=["auto", "onnx", "torch"],
                    help="onnx: the checkpoint's export on onnxruntime; torch: PyTorch; auto: the export when "
                         "it is current, else PyTorch")
+    p.add_argument("--int8", action="store_true", help="text queries on the export's int8 text graph (export.py "
+                   "--int8): quicker, a little less accurate (RESULTS.md)")
     p.add_argument("--device", default="auto",
                    help="PyTorch's device: auto (cuda, then mps, then cpu), cuda, mps or cpu")
 

@@ -248,7 +248,7 @@ def main(argv=None):
                              "with one process")
         return index_sharded(args)
     labels = read_queries(args.queries) if args.queries else [args.query or args.image]
-    model = encoder.load(args.checkpoint, args.runtime, args.device)
+    model = encoder.load(args.checkpoint, args.runtime, args.device, args.int8)
     gallery = Gallery(args, model)
     if not args.index_only:  # before indexing: a bad query fails at once
         queries, q_emb, text = embed(model, args, labels, gallery.image_size)

@@ -277,7 +277,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(args):
     """The server, listening, and its Library; the gallery's indexing has started."""
-    model = encoder.load(args.checkpoint, args.runtime, args.device)
+    model = encoder.load(args.checkpoint, args.runtime, args.device, args.int8)
     library = Library(Gallery(args, model), model)
     handler = type("LibraryHandler", (Handler,), {"library": library})
     try:

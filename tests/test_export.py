@@ -81,6 +81,22 @@ def test_export_gives_the_checkpoints_embeddings(exported, tiny_data, arch):
         assert bank.shape == (len(captions), 32) and (bank * ref.encode_texts(captions)).sum(1).min() > 0.999
 
 
+def test_the_text_graph_is_fused_and_the_weights_lie_beside_the_graphs(exported):
+    """The fp32 text graph's layer norms run as onnxruntime's fused operators, and both graphs'
+    weights are in a .data file (mapped when a session starts), readable as the graph is."""
+    import onnx
+    for arch, ck in exported.items():
+        folder = encoder.export_dir(ck)
+        ops = {n.op_type for n in onnx.load(os.path.join(folder, "text.onnx"), load_external_data=False).graph.node}
+        assert "SkipLayerNormalization" in ops and "LayerNormalization" not in ops, arch
+        if arch == "mobile":  # DistilBERT's attention too
+            assert {"Attention", "BiasGelu"} <= ops
+        for name in ("text.onnx", "image.onnx"):
+            graph, data = os.path.join(folder, name), os.path.join(folder, name + ".data")
+            assert os.path.getsize(graph) * 4 < os.path.getsize(data)
+            assert os.stat(data).st_mode == os.stat(graph).st_mode
+
+
 def train_captions(tiny_data):
     """The training captions in retrieval.caption_bank's order: by photo, then as in the file."""
     rows = [r.split(",") for r in open(os.path.join(tiny_data, "captions.csv")).read().splitlines()[1:]]
@@ -185,11 +201,12 @@ def test_stale_and_damaged_exports_are_refused(exported, tmp_path, capsys):
             open(path, "wb").write(keep)
     assert "text.onnx is missing or truncated" in damaged("text.onnx", lambda b: b[: len(b) // 2])
     assert "cannot be read" in damaged("text.onnx", lambda b: bytes(len(b)))  # same size, not a graph
+    assert "text.onnx.data is missing or truncated" in damaged("text.onnx.data", lambda b: b[:-4])
     assert "damaged or from another version" in damaged("export.json", lambda b: b[:-20])
     assert isinstance(encoder.load(ck, "onnx"), encoder.OnnxEncoder)  # restored
 
 
-def test_train_exports_best_at_the_end_and_int8_graphs(tiny_data, tmp_path):
+def test_train_exports_best_at_the_end_and_the_int8_text_graph(tiny_data, tmp_path, capsys):
     argv = [a for a in train_argv(tiny_data, tmp_path, "--epochs", "1") if a != "--no_export"]
     assert train.main(argv) == 0
     best = str(tmp_path / "best.pt")
@@ -198,6 +215,35 @@ def test_train_exports_best_at_the_end_and_int8_graphs(tiny_data, tmp_path):
     want = torch_fp32(best).encode_texts(CAPTIONS)
     assert (onnx.encode_texts(CAPTIONS) * want).sum(1).min() >= 0.9999
     assert export.main(["--checkpoint", best, "--int8"]) == 0
-    int8 = encoder.load(best, "onnx", int8=True)
-    assert int8.fingerprint != onnx.fingerprint  # int8 photo embeddings are others: their own index
-    assert (int8.encode_texts(CAPTIONS) * want).sum(1).min() > 0.9
+    int8 = encoder.load(best, "auto", int8=True)
+    assert 0.9 < (int8.encode_texts(CAPTIONS) * want).sum(1).min() < 0.99999  # int8: near fp32, not it
+    # Photos stay fp32: the same embeddings, so one index serves both.
+    images = np.stack([read_image(p, onnx.image_size).numpy() for p in photos_of(tiny_data)])
+    assert int8.fingerprint == onnx.fingerprint
+    np.testing.assert_array_equal(int8.encode_images(images), onnx.encode_images(images))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos_of(tiny_data):
+        shutil.copy(p, folder)
+    common = ("--checkpoint", best, "--images_dir", folder, "--top_k", "6", "--query", "a red circle",
+              "--index_dir", tmp_path / "ix")
+    fp32_rows, int8_rows = search_json(capsys, *common), search_json(capsys, *common, "--int8")
+    assert sorted(r["path"] for r in fp32_rows) == sorted(r["path"] for r in int8_rows)
+    fp32_scores = {r["path"]: r["score"] for r in fp32_rows}
+    diffs = [abs(r["score"] - fp32_scores[r["path"]]) for r in int8_rows]
+    assert 0 < max(diffs) < 0.1  # the query on the int8 graph, the photos as indexed
+    assert len(list((tmp_path / "ix").glob("index_*.npz"))) == 1
+
+
+def test_int8_needs_the_exports_int8_text_graph(exported, tmp_path):
+    ck = exported["mobile"]  # exported without --int8
+    with pytest.raises(SystemExit, match="has no int8 text graph; write it: python export.py .* --int8"):
+        encoder.load(ck, "auto", "cpu", int8=True)  # an error, not PyTorch instead
+    with pytest.raises(SystemExit, match="does not apply to --runtime torch"):
+        encoder.load(ck, "torch", "cpu", int8=True)
+    # int8 graphs of an earlier kind (both towers, export.json's "int8": true) are not used.
+    shutil.copytree(os.path.dirname(ck), tmp_path / "m", ignore=shutil.ignore_patterns("index_*"))
+    meta_path = tmp_path / "m" / "best_onnx" / "export.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "int8": True}))
+    with pytest.raises(SystemExit, match="has no int8 text graph"):
+        encoder.load(str(tmp_path / "m" / "best.pt"), "onnx", int8=True)
