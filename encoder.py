@@ -7,11 +7,12 @@ start) when the export is current for the checkpoint, else from the checkpoint o
 
 An export is a folder beside the checkpoint (best.pt -> best_onnx/): text.onnx (token ids and
 attention mask -> joint embedding), image.onnx (normalised photos -> joint embedding), both with a
-dynamic batch (and length) and their weights beside them (text.onnx.data, image.onnx.data),
-tokenizer.json, querybank.npy (the training captions' embeddings, for a checkpoint that ranks with
-querybank normalisation) and export.json: what preprocessing needs, the checkpoint's args, and
-the checkpoint file's size, time and SHA-256, so that a retrained best.pt never meets a stale
-export. export.json is written last: a folder without it is no export.
+dynamic batch (and length) and their weights beside them (text.onnx.data, image.onnx.data), with
+export.py --int8 text.int8.onnx (and .data), tokenizer.json, querybank.npy (the training captions'
+embeddings, for a checkpoint that ranks with querybank normalisation) and export.json: what
+preprocessing needs, the checkpoint's args, and the checkpoint file's size, time and SHA-256, so
+that a retrained best.pt never meets a stale export. export.json is written last: a folder
+without it is no export.
 """
 
 import hashlib
@@ -79,6 +80,7 @@ class OnnxEncoder:
 
     def __init__(self, checkpoint, int8=False):
         self.folder, self.checkpoint = export_dir(checkpoint), checkpoint
+        again = f"python export.py --checkpoint {checkpoint}{' --int8' if int8 else ''}"  # what writes it
         meta_path = os.path.join(self.folder, "export.json")
         if not os.path.isfile(meta_path):
             raise ExportProblem(f"{checkpoint} has no export ({meta_path} not found)")
@@ -89,19 +91,18 @@ class OnnxEncoder:
                 raise ValueError(f"version {meta.get('version')}, this code reads {EXPORT_VERSION}")
         except (OSError, ValueError) as e:
             raise ExportProblem(f"the export {self.folder} is damaged or from another version ({e}); "
-                                f"write it again: python export.py --checkpoint {checkpoint}")
+                                f"write it again: {again}")
         if not _is_current(meta["checkpoint"], checkpoint):
             raise ExportProblem(f"the export {self.folder} is of an earlier {os.path.basename(checkpoint)} (the "
-                                f"checkpoint changed since); refresh it: python export.py --checkpoint {checkpoint}")
+                                f"checkpoint changed since); refresh it: {again}")
         if int8 and meta["int8"] != INT8:  # True: int8 graphs of an earlier kind
-            raise ExportProblem(f"the export {self.folder} has no int8 text graph; write it: "
-                                f"python export.py --checkpoint {checkpoint} --int8")
+            raise ExportProblem(f"the export {self.folder} has no int8 text graph; write it: {again}")
         for name, size in meta["files"].items():
             path = os.path.join(self.folder, name)
             if not os.path.isfile(path) or os.path.getsize(path) != size:
                 raise ExportProblem(f"the export {self.folder} is damaged ({name} is missing or truncated); "
-                                    f"write it again: python export.py --checkpoint {checkpoint}")
-        self.meta = meta
+                                    f"write it again: {again}")
+        self.meta, self.again = meta, again
         self.args = meta["args"]
         self.image_size, self.flip, self.dim = meta["image_size"], meta["flip"], meta["dim"]
         self.mean, self.std, self.logit_scale = meta["mean"], meta["std"], meta["logit_scale"]
@@ -120,8 +121,7 @@ class OnnxEncoder:
             return reader(os.path.join(self.folder, name))
         except Exception as e:  # onnxruntime and tokenizers raise their own kinds for a damaged file
             raise ExportProblem(f"the export {self.folder} cannot be read ({name}: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}); write it again: python export.py "
-                                f"--checkpoint {self.checkpoint}")
+                                f"{str(e).splitlines()[0][:200]}); write it again: {self.again}")
 
     def encode_texts(self, texts):
         """(Q, D) float32 embeddings of a list of strings."""
@@ -163,7 +163,7 @@ class OnnxEncoder:
 
 
 def session(path):
-    """An onnxruntime session of one graph, on the CPU."""
+    """An onnxruntime session of one graph (its path, or its bytes), on the CPU."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
@@ -261,7 +261,8 @@ def load(checkpoint, runtime="auto", device="auto", int8=False):
             problem, missing = str(e), not os.path.isdir(export_dir(checkpoint))
         if runtime == "onnx" or not _importable("torch"):
             if missing:
-                problem += f"; write one with the full install: python export.py --checkpoint {checkpoint}"
+                problem += (f"; write one with the full install: python export.py --checkpoint {checkpoint}"
+                            + (" --int8" if int8 else ""))
             raise SystemExit(f"error: {problem}." + ("" if runtime == "onnx" else
                              " PyTorch, the other way to run a checkpoint, is not installed either "
                              "(pip install -r requirements.txt)."))

@@ -140,7 +140,7 @@ def add_gallery_args(p, batch_size, num_workers):
                    help="onnx: the checkpoint's export on onnxruntime; torch: PyTorch; auto: the export when "
                         "it is current, else PyTorch")
     p.add_argument("--int8", action="store_true", help="text queries on the export's int8 text graph (export.py "
-                   "--int8): quicker, a little less accurate (RESULTS.md)")
+                   "--int8): warm queries quicker, a little less accurate (RESULTS.md)")
     p.add_argument("--device", default="auto",
                    help="PyTorch's device: auto (cuda, then mps, then cpu), cuda, mps or cpu")
 

@@ -16,6 +16,7 @@ from tiny import make_checkpoint, photo, train_argv
 import encoder
 import export
 import search
+import serve
 import train
 from dataset import read_image
 
@@ -219,7 +220,6 @@ def test_train_exports_best_at_the_end_and_the_int8_text_graph(tiny_data, tmp_pa
     assert 0.9 < (int8.encode_texts(CAPTIONS) * want).sum(1).min() < 0.99999  # int8: near fp32, not it
     # Photos stay fp32: the same embeddings, so one index serves both.
     images = np.stack([read_image(p, onnx.image_size).numpy() for p in photos_of(tiny_data)])
-    assert int8.fingerprint == onnx.fingerprint
     np.testing.assert_array_equal(int8.encode_images(images), onnx.encode_images(images))
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -233,6 +233,46 @@ def test_train_exports_best_at_the_end_and_the_int8_text_graph(tiny_data, tmp_pa
     diffs = [abs(r["score"] - fp32_scores[r["path"]]) for r in int8_rows]
     assert 0 < max(diffs) < 0.1  # the query on the int8 graph, the photos as indexed
     assert len(list((tmp_path / "ix").glob("index_*.npz"))) == 1
+    # serve.py takes the flag to the same encoder.
+    server, library = serve.make_server(serve.get_args(["--checkpoint", best, "--images_dir", str(folder),
+                                                        "--index_dir", str(tmp_path / "ix"), "--port", "0", "--int8"]))
+    library.closing.set()
+    library.indexing.join()
+    server.server_close()
+    np.testing.assert_array_equal(library.model.encode_texts(CAPTIONS), int8.encode_texts(CAPTIONS))
+    # Exporting again keeps the int8 graph unless told otherwise (train.py's export at the end does that).
+    export.write_export(best)
+    assert os.path.isfile(os.path.join(encoder.export_dir(best), "text.int8.onnx"))
+    assert export.main(["--checkpoint", best]) == 0
+    assert not os.path.isfile(os.path.join(encoder.export_dir(best), "text.int8.onnx"))
+
+
+def test_an_int8_graph_too_far_from_the_checkpoint_is_not_written(exported, tmp_path, monkeypatch):
+    shutil.copytree(os.path.dirname(exported["mobile"]), tmp_path / "m")
+    ck = str(tmp_path / "m" / "best.pt")
+    before = sorted(os.listdir(encoder.export_dir(ck)))
+    monkeypatch.setattr(export, "MIN_INT8_COSINE", 1.0)  # no int8 graph reaches it
+    with pytest.raises(SystemExit, match="int8 text graph of .* strays too far .* Export it without --int8"):
+        export.main(["--checkpoint", ck, "--int8"])
+    assert sorted(os.listdir(encoder.export_dir(ck))) == before  # the export as it was
+    assert sorted(os.listdir(tmp_path / "m")) == sorted(os.listdir(os.path.dirname(exported["mobile"])))
+
+
+def test_a_text_tower_the_optimizer_cannot_fuse_is_exported_unfused(tiny_data, tmp_path, monkeypatch, capsys):
+    import onnx
+    from onnxruntime.transformers import optimizer
+
+    def fails(*args, **kwargs):
+        raise AttributeError("no such node")
+    monkeypatch.setattr(optimizer, "optimize_model", fails)
+    ck = make_checkpoint(tmp_path / "best.pt", os.path.join(tiny_data, "text_encoder"), 0)
+    assert export.main(["--checkpoint", ck]) == 0
+    assert "cannot fuse this text tower (AttributeError)" in capsys.readouterr().err
+    folder = encoder.export_dir(ck)
+    ops = {n.op_type for n in onnx.load(os.path.join(folder, "text.onnx"), load_external_data=False).graph.node}
+    assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops
+    got, want = encoder.OnnxEncoder(ck).encode_texts(CAPTIONS), torch_fp32(ck).encode_texts(CAPTIONS)
+    assert (got * want).sum(1).min() >= 0.9999
 
 
 def test_int8_needs_the_exports_int8_text_graph(exported, tmp_path):

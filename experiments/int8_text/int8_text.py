@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 import encoder  # noqa: E402
 from dataset import EvalSplit  # noqa: E402
+from device import cpu_has_native_bf16  # noqa: E402
 from index import querybank_bias  # noqa: E402
 from photos import read_image  # noqa: E402
 from retrieval import recall_metrics  # noqa: E402
@@ -91,7 +92,7 @@ def main(argv=None):
             quantise(fp32, path, ops, per_channel, reduce_range)
             print(f"{name:70s} {fmt(measure(enc, path, split, img, bias, ref)[1])}", flush=True)
     print(f"{len(split.captions)} {args.split} captions, {len(photos)} photos; torch {torch.__version__}, "
-          f"native bf16 {torch.ops.mkldnn._is_mkldnn_bf16_supported()}, load average {os.getloadavg()[0]:.1f}, "
+          f"native bf16 {cpu_has_native_bf16()}, load average {os.getloadavg()[0]:.1f}, "
           f"{time.strftime('%Y-%m-%d')}")
 
 
