@@ -35,6 +35,11 @@ def log(msg):
     print(msg, file=sys.stderr)
 
 
+def export_command(checkpoint, int8=False):
+    """The command that writes a checkpoint's export (with the int8 text graph), for messages."""
+    return f"python export.py --checkpoint {checkpoint}{' --int8' if int8 else ''}"
+
+
 def export_dir(checkpoint):
     """Where the export of a checkpoint lives: models/best.pt -> models/best_onnx."""
     return os.path.splitext(os.path.abspath(checkpoint))[0] + "_onnx"
@@ -80,7 +85,7 @@ class OnnxEncoder:
 
     def __init__(self, checkpoint, int8=False):
         self.folder, self.checkpoint = export_dir(checkpoint), checkpoint
-        again = f"python export.py --checkpoint {checkpoint}{' --int8' if int8 else ''}"  # what writes it
+        again = export_command(checkpoint, int8)
         meta_path = os.path.join(self.folder, "export.json")
         if not os.path.isfile(meta_path):
             raise ExportProblem(f"{checkpoint} has no export ({meta_path} not found)")
@@ -261,14 +266,13 @@ def load(checkpoint, runtime="auto", device="auto", int8=False):
             problem, missing = str(e), not os.path.isdir(export_dir(checkpoint))
         if runtime == "onnx" or not _importable("torch"):
             if missing:
-                problem += (f"; write one with the full install: python export.py --checkpoint {checkpoint}"
-                            + (" --int8" if int8 else ""))
+                problem += f"; write one with the full install: {export_command(checkpoint, int8)}"
             raise SystemExit(f"error: {problem}." + ("" if runtime == "onnx" else
                              " PyTorch, the other way to run a checkpoint, is not installed either "
                              "(pip install -r requirements.txt)."))
         if missing and os.path.isfile(checkpoint):
-            log(f"searching with PyTorch: no export of {checkpoint} (python export.py --checkpoint "
-                f"{checkpoint} writes one, for a faster start)")
+            log(f"searching with PyTorch: no export of {checkpoint} ({export_command(checkpoint)} writes one, "
+                "for a faster start)")
         elif not missing:
             log(f"warning: {problem}; searching with PyTorch meanwhile.")
     return TorchEncoder(checkpoint, device)

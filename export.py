@@ -4,14 +4,17 @@
     python export.py --checkpoint models/fast/best.pt --int8
 
 Writes <checkpoint without .pt>_onnx/ beside it: the text and image graphs (fp32; with --int8 also
-a dynamically quantised text graph, for search.py's and serve.py's --int8), the tokenizer, the querybank of a
-checkpoint that ranks with it, and export.json (encoder.py's docstring describes the folder).
+a dynamically quantised text graph, for search.py's and serve.py's --int8), the tokenizer, the
+querybank of a checkpoint that ranks with it, and export.json (encoder.py's docstring describes
+the folder).
 search.py and serve.py use it while it is current for the checkpoint. train.py exports best.pt
 when training ends (write_export).
 """
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -24,6 +27,11 @@ MIN_COSINE = 0.9999  # an export must give the checkpoint's embeddings to this c
 # The int8 text graph's floor on _check's captions: the per-channel graph that lost 0.3 of R@1 on
 # Flickr8K val gives 0.98 there, onnxruntime's default quantisation (2.6 lost) less (RESULTS.md).
 MIN_INT8_COSINE = 0.95
+# What export.py --int8 quantises and how (onnxruntime's quantize_dynamic): the weights of the
+# fused text graph's products per output channel in the 7-bit range that onnxruntime advises for
+# CPUs without VNNI; the embedding table (a Gather) stays fp32.
+INT8_QUANTISATION = {"op_types_to_quantize": ["MatMul", "Gemm", "Attention"], "per_channel": True,
+                     "reduce_range": True}
 
 
 def write_export(checkpoint, int8=None, data_dir=None):
@@ -135,16 +143,14 @@ def _optimise(folder, text_config, tokens):
     exported), and both graphs keep their weights in a .data file beside them, which onnxruntime
     maps instead of parsing: most of a cold query's session start (benchmarks/cold_search.py
     measures it). The fused graph needs onnxruntime, as search does."""
-    import logging
-
     import onnx
     from onnxruntime.transformers.optimizer import optimize_model
     text = os.path.join(folder, "text.onnx")
     text_graph = onnx.load(text)
-    logging.disable(logging.WARNING)  # the optimizer's notes on the graphs it reads, under loggers of its own
     try:
-        fused = optimize_model(text, "bert", num_heads=text_config.num_attention_heads,
-                               hidden_size=text_config.hidden_size).model
+        with quiet():
+            fused = optimize_model(text, "bert", num_heads=text_config.num_attention_heads,
+                                   hidden_size=text_config.hidden_size).model
         want, got = (session(m.SerializeToString()).run(None, tokens)[0] for m in (text_graph, fused))
         if (want * got).sum(1).min() >= MIN_COSINE:
             text_graph = fused
@@ -153,8 +159,6 @@ def _optimise(folder, text_config, tokens):
     except Exception as e:  # the optimizer's own kinds, for a tower it does not know
         log(f"warning: onnxruntime's optimizer cannot fuse this text tower ({type(e).__name__}); its graph is kept "
             "unfused")
-    finally:
-        logging.disable(logging.NOTSET)
     for name, graph in (("text", text_graph), ("image", onnx.load(os.path.join(folder, "image.onnx")))):
         path = os.path.join(folder, f"{name}.onnx")
         onnx.save_model(graph, path, save_as_external_data=True, location=f"{name}.onnx.data")
@@ -162,21 +166,34 @@ def _optimise(folder, text_config, tokens):
 
 
 def _quantise(folder):
-    """text.int8.onnx beside the fp32 graphs: the fused text graph's weights in int8 (per output
-    channel, in the 7-bit range that onnxruntime advises for CPUs without VNNI), activations
-    quantised on the fly, the embedding table left in fp32. The settings that lost least recall
-    (RESULTS.md); photos stay fp32: int8 convolutions lost far more and ran slower."""
-    import logging
+    """text.int8.onnx beside the fp32 graphs (INT8_QUANTISATION), activations quantised on the
+    fly: the settings that lost least recall (RESULTS.md); photos stay fp32: int8 convolutions
+    lost far more and ran slower."""
+    src, dst = os.path.join(folder, "text.onnx"), os.path.join(folder, "text.int8.onnx")
+    quantise_dynamic(src, dst, use_external_data_format=True, **INT8_QUANTISATION)
+    shutil.copymode(dst, dst + ".data")
 
+
+def quantise_dynamic(src, dst, **settings):
+    """onnxruntime's dynamic int8 quantisation of the graph src to dst, quietly (its advice to
+    pre-process the model first is for static quantisation)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the model first
-    src, dst = os.path.join(folder, "text.onnx"), os.path.join(folder, "text.int8.onnx")
     # DefaultTensorType: the type of what the fused operators put out, which onnx's shape inference cannot tell.
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul", "Gemm", "Attention"], per_channel=True,
-                     reduce_range=True, weight_type=QuantType.QInt8, use_external_data_format=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    shutil.copymode(dst, dst + ".data")
+    with quiet():
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **settings)
+
+
+@contextlib.contextmanager
+def quiet():
+    """onnxruntime's optimizer and quantiser log notes on each graph they read (under loggers of
+    their own, or the root one): none reach the user while they run."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _check(model, tokenizer, folder, checkpoint, size):

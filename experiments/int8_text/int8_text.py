@@ -21,31 +21,21 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import encoder  # noqa: E402
+import export  # noqa: E402
 from dataset import EvalSplit  # noqa: E402
 from device import cpu_has_native_bf16  # noqa: E402
 from index import querybank_bias  # noqa: E402
 from photos import read_image  # noqa: E402
 from retrieval import recall_metrics  # noqa: E402
 
-# name -> (operators quantised (None: onnxruntime's default, all it can), per-channel weights,
-# 7-bit range: what onnxruntime advises for CPUs without VNNI, such as AVX2 ones)
+# name -> quantize_dynamic's settings: operators quantised (unnamed: all it can, the embedding
+# table's Gather too), per-channel weights, the 7-bit range onnxruntime advises for CPUs without
+# VNNI, such as AVX2 ones
 VARIANTS = {
-    "int8, onnxruntime's defaults": (None, False, False),
-    "int8 per channel, reduced range, embeddings fp32 (export.py --int8)":
-        (["MatMul", "Gemm", "Attention"], True, True),
-    "int8 per channel, reduced range, embeddings int8": (None, True, True),
+    "int8, onnxruntime's defaults": {},
+    "int8 per channel, reduced range, embeddings fp32 (export.py --int8)": export.INT8_QUANTISATION,
+    "int8 per channel, reduced range, embeddings int8": {"per_channel": True, "reduce_range": True},
 }
-
-
-def quantise(src, dst, ops, per_channel, reduce_range):
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    logging.getLogger().setLevel(logging.ERROR)
-    # The type of what the fused operators put out, which onnx's shape inference cannot tell.
-    quantize_dynamic(src, dst, op_types_to_quantize=ops, per_channel=per_channel, reduce_range=reduce_range,
-                     weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def measure(enc, path, split, img, bias, ref=None, runs=50):
@@ -87,9 +77,9 @@ def main(argv=None):
     ref, row = measure(enc, fp32, split, img, bias)
     print(f"{'fp32 (the export)':70s} {fmt(row)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (ops, per_channel, reduce_range) in VARIANTS.items():
+        for name, settings in VARIANTS.items():
             path = os.path.join(tmp, "text.int8.onnx")
-            quantise(fp32, path, ops, per_channel, reduce_range)
+            export.quantise_dynamic(fp32, path, **settings)
             print(f"{name:70s} {fmt(measure(enc, path, split, img, bias, ref)[1])}", flush=True)
     print(f"{len(split.captions)} {args.split} captions, {len(photos)} photos; torch {torch.__version__}, "
           f"native bf16 {cpu_has_native_bf16()}, load average {os.getloadavg()[0]:.1f}, "
