@@ -11,7 +11,7 @@ import time
 from datetime import datetime
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # What search.py indexes in a personal folder. HEIC/HEIF (the iPhone's photos) need pillow-heif;
 # Pillow reads AVIF itself.
@@ -21,15 +21,28 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 @functools.cache
 def _heif_opener():
-    """Register pillow-heif's HEIC/HEIF opener with Pillow, once per process, at the first photo
-    opened rather than at import: a text search over an index already up to date never needs it.
-    Returns whether pillow-heif is installed."""
+    """Register pillow-heif's HEIC/HEIF opener with Pillow, once per process. Returns whether
+    pillow-heif is installed."""
     try:
         import pillow_heif
     except ImportError:
         return False
     pillow_heif.register_heif_opener()
     return True
+
+
+def _open(path):
+    """Image.open, with pillow-heif's opener registered first for a HEIC/HEIF name, or once Pillow
+    alone cannot identify a file (a HEIC photo by another name, an upload): importing pillow-heif
+    costs about as much as decoding a photo, and a folder of JPEGs never needs it."""
+    if str(path).lower().endswith(HEIF_EXTENSIONS) and not _heif_opener():
+        raise OSError("reading HEIC/HEIF photos needs pillow-heif: pip install pillow-heif")
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError:
+        if "HEIF" in Image.OPEN or not _heif_opener():
+            raise
+    return Image.open(path)  # from the start again: Image.open seeks a file object to 0 itself
 
 
 def open_rgb(path, size):
@@ -40,9 +53,7 @@ def open_rgb(path, size):
     HEIC/HEIF and AVIF. Raises (OSError, ValueError, ...) on an unreadable file, and on one above
     Pillow's MAX_IMAGE_PIXELS (89 MP): such a header more likely belongs to a decompression bomb.
     """
-    if not _heif_opener() and str(path).lower().endswith(HEIF_EXTENSIONS):
-        raise OSError("reading HEIC/HEIF photos needs pillow-heif: pip install pillow-heif")
-    with Image.open(path) as img:
+    with _open(path) as img:
         # Checked here, not by turning Pillow's warning into an error: warning filters are
         # process-wide, and serve.py decodes in several threads at once.
         if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
@@ -63,8 +74,7 @@ def taken_at(path, mtime_ns):
     EXIF DateTimeOriginal, which has no time zone, else the file's modification time in this
     machine's time zone. Reads the file's header only."""
     try:
-        _heif_opener()
-        with Image.open(path) as img:
+        with _open(path) as img:
             text = img.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.DateTimeOriginal)
         # "2024:06:01 14:30:00"; cameras with no clock set write zeros or blanks
         return calendar.timegm(datetime.strptime(str(text).strip("\0 ")[:19], "%Y:%m:%d %H:%M:%S").timetuple())

@@ -29,6 +29,8 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
+
 import encoder
 import shard
 from cli import iso_date, positive_int
@@ -49,6 +51,9 @@ from gallery import (
 from photos import IMAGE_EXTENSIONS, open_rgb, read_image
 
 MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file beside the index
+# The result grid, in pixels at GRID_DPI: each photo fits a GRID_PHOTO square, its two-line label
+# above it, and each line of the title takes GRID_TITLE.
+GRID_DPI, GRID_PHOTO, GRID_LABEL, GRID_GAP, GRID_TITLE = 100, 300, 34, 16, 22
 
 
 def get_args(argv=None):
@@ -121,7 +126,9 @@ def report_index(ix, report, path):
 
 
 def save_grid(paths, scores, out_path, title, query_image=None, show=False):
-    """The query photo (if any) then the hits with rank and score, in a near-square grid."""
+    """The query photo (if any) then the hits with rank and score, in a near-square grid. Each
+    photo is placed pixel for pixel on the figure (figimage), with its label as figure text: one
+    Axes per panel took longer to lay out and draw than the photos themselves."""
     import matplotlib
     if not show:
         matplotlib.use("Agg")
@@ -131,39 +138,43 @@ def save_grid(paths, scores, out_path, title, query_image=None, show=False):
         panels.append((p, f"#{i}  {s:.3f}\n{os.path.basename(p)[:28]}", "black"))
     cols = math.ceil(math.sqrt(len(panels)))
     rows = math.ceil(len(panels) / cols)
-    height = 3.3 * rows + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(max(3 * cols, 6), height), squeeze=False)
-    # Fixed margins, not layout="constrained": its solver took 0.33 s of a cold 5 s call.
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.95 / height, wspace=0.04, hspace=0.16)
-    for ax in axes.flat:
-        ax.axis("off")
-        ax.set_xticks([]), ax.set_yticks([])  # hidden, yet matplotlib lays out 14 ticks per panel: 0.2 s
-    for ax, (p, label, colour) in zip(axes.flat, panels):
+    title = "\n".join(textwrap.wrap(title, 70, max_lines=3, placeholder=" ..."))
+    cell_w, cell_h = GRID_PHOTO + GRID_GAP, GRID_PHOTO + GRID_LABEL + GRID_GAP
+    head = GRID_TITLE * (title.count("\n") + 2)
+    width, height = max(cols * cell_w + GRID_GAP, 600), head + rows * cell_h
+    fig = plt.figure(figsize=(width / GRID_DPI, height / GRID_DPI), dpi=GRID_DPI)
+    left0 = (width - cols * cell_w + GRID_GAP) // 2
+    for k, (p, label, colour) in enumerate(panels):
+        row, col = divmod(k, cols)
+        left, bottom = left0 + col * cell_w, height - head - (row + 1) * cell_h + GRID_GAP  # the photo's box
+        centre = (left + GRID_PHOTO / 2) / width
         try:
-            img = open_rgb(p, 300)
-            img.thumbnail((300, 300))  # a 24 MP photo would otherwise cost ~70 MB per panel
-            ax.imshow(img)
+            img = open_rgb(p, GRID_PHOTO)
+            img.thumbnail((GRID_PHOTO, GRID_PHOTO))  # a 24 MP photo would otherwise cost ~70 MB per panel
+            fig.figimage(np.asarray(img), xo=left + (GRID_PHOTO - img.width) // 2,
+                         yo=bottom + GRID_PHOTO - img.height, origin="upper")  # under its label
         except Exception:  # deleted or damaged since it was indexed: leave a labelled gap
-            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(label, fontsize=9, color=colour, fontweight="bold" if colour != "black" else "normal")
-    fig.suptitle("\n".join(textwrap.wrap(title, 70, max_lines=3, placeholder=" ...")), fontsize=13)
+            fig.text(centre, (bottom + GRID_PHOTO / 2) / height, "unreadable", ha="center", va="center")
+        fig.text(centre, (bottom + GRID_PHOTO + 4) / height, label, ha="center", va="bottom", fontsize=9,
+                 color=colour, fontweight="bold" if colour != "black" else "normal")
+    fig.text(0.5, 1 - GRID_TITLE / 2 / height, title, ha="center", va="top", fontsize=13)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Glyph .* missing")  # e.g. CJK queries in the default font
-        # zlib level 1, not 6: a grid of photos barely compresses further, and level 6 spends
-        # 0.4 s of a cold 3 s call on it (the file is about 7% larger).
-        fig.savefig(out_path, dpi=100, pil_kwargs={"compress_level": 1})
+        # zlib level 1, not 6: a grid of photos barely compresses further (the file is about 7%
+        # larger), and level 6 takes several times as long to write it.
+        fig.savefig(out_path, dpi=GRID_DPI, pil_kwargs={"compress_level": 1})
         if show:
             plt.show()
     plt.close(fig)
 
 
-def index_gallery(gallery, encoded=None):
+def index_gallery(gallery, encoded=None, files=None):
     """Bring the gallery's index up to date and save it, then the approximate index if the gallery
     uses one (gallery.ANN_FROM, --ann). encoded(): called once the photos are encoded (shard.stop,
     which frees the other processes of a sharded run). Returns (index, whether Ctrl-C cut the
     indexing short)."""
     before = ann_key(gallery.ix)
-    report = gallery.update(gallery.ix, gallery.scan())
+    report = gallery.update(gallery.ix, gallery.scan() if files is None else files)
     if encoded is not None:
         encoded()
     if report["changed"] or not os.path.exists(gallery.path):
@@ -250,9 +261,10 @@ def main(argv=None):
     labels = read_queries(args.queries) if args.queries else [args.query or args.image]
     model = encoder.load(args.checkpoint, args.runtime, args.device, args.int8)
     gallery = Gallery(args, model)
+    files = gallery.scan()
     if not args.index_only:  # before indexing: a bad query fails at once
         queries, q_emb, text = embed(model, args, labels, gallery.image_size)
-    ix, interrupted = index_gallery(gallery)
+    ix, interrupted = index_gallery(gallery, files=files)
     shown_root = gallery.shown_root
     if interrupted:
         log(f"interrupted: {len(ix)} photos indexed and saved; run again to index the rest.")

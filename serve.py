@@ -278,6 +278,7 @@ class Handler(BaseHTTPRequestHandler):
 def make_server(args):
     """The server, listening, and its Library; the gallery's indexing has started."""
     model = encoder.load(args.checkpoint, args.runtime, args.device, args.int8)
+    model.encode_texts(["a photo"])  # a text graph that cannot be read stops the start, not the first search
     library = Library(Gallery(args, model), model)
     handler = type("LibraryHandler", (Handler,), {"library": library})
     try:

@@ -190,18 +190,23 @@ def test_stale_and_damaged_exports_are_refused(exported, tmp_path, capsys):
     assert isinstance(encoder.load(ck, "auto"), encoder.OnnxEncoder)  # refreshed
     folder = encoder.export_dir(ck)
 
-    def damaged(name, data):
+    def query():  # the text graph is opened on a thread: one that is not a graph fails at the first query
+        encoder.load(ck, "onnx").encode_texts(["a dog"])
+
+    def damaged(name, data, start=query):
         path = os.path.join(folder, name)
         keep = open(path, "rb").read()
         open(path, "wb").write(data(keep))
         try:
             with pytest.raises(SystemExit, match="damaged|cannot be read") as e:
-                encoder.load(ck, "onnx")
+                start()
             return str(e.value)
         finally:
             open(path, "wb").write(keep)
     assert "text.onnx is missing or truncated" in damaged("text.onnx", lambda b: b[: len(b) // 2])
     assert "cannot be read" in damaged("text.onnx", lambda b: bytes(len(b)))  # same size, not a graph
+    serving = serve.get_args(["--checkpoint", ck, "--images_dir", str(tmp_path), "--runtime", "onnx", "--port", "0"])
+    assert "cannot be read" in damaged("text.onnx", lambda b: bytes(len(b)), lambda: serve.make_server(serving))
     assert "text.onnx.data is missing or truncated" in damaged("text.onnx.data", lambda b: b[:-4])
     assert "damaged or from another version" in damaged("export.json", lambda b: b[:-20])
     assert isinstance(encoder.load(ck, "onnx"), encoder.OnnxEncoder)  # restored

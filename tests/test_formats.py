@@ -5,6 +5,7 @@ pillow-heif's opener, so that only the code under test can make it readable."""
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +16,8 @@ from tiny import make_checkpoint, photo
 
 import photos
 import search
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +96,25 @@ def test_hidden_files_and_appledouble_files_are_not_indexed(ckpt, tmp_path, caps
         photo(folder / name, 30 + i)
     hits, err = search_image(capsys, ckpt, folder, folder / "a.jpg", tmp_path)
     assert sorted(p for p, _ in hits) == ["a.jpg", "b.png", "sub/c.webp"] and "skipped" not in err
+
+
+def test_pillow_heif_is_imported_only_for_a_photo_pillow_cannot_read(tmp_path):
+    """JPEGs never import pillow-heif (the import costs as much as decoding a photo), yet a HEIC by
+    another name, as a file or as an upload's bytes, still decodes to the pixels it holds. In a
+    process of its own: the other tests have registered pillow-heif's opener in theirs."""
+    jpeg, original = photo(tmp_path / "a.jpg", 1), photo(tmp_path / "h.png", 10)
+    pillow_heif.from_pillow(Image.open(original)).save(tmp_path / "heic.jpg", quality=-1, chroma=444,
+                                                      matrix_coefficients=0)
+    code = f"""if True:
+        import io, json, sys, photos
+        photos.read_image({jpeg!r}, 32), photos.taken_at({jpeg!r}, 0)
+        after_jpeg = "pillow_heif" in sys.modules
+        by_name = photos.read_image({str(tmp_path / "heic.jpg")!r}, 40)
+        upload = photos.read_image(io.BytesIO(open({str(tmp_path / "heic.jpg")!r}, "rb").read()), 40)
+        print(json.dumps([after_jpeg, by_name.tolist(), upload.tolist()]))"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    after_jpeg, by_name, upload = json.loads(p.stdout)
+    assert after_jpeg is False
+    expected = photos.read_image(original, 40).tolist()  # the PNG the HEIC was made from, losslessly
+    assert by_name == expected and upload == expected

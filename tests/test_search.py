@@ -282,6 +282,35 @@ def test_image_query_finds_itself_first_and_saves_a_grid(photos, ckpts, tmp_path
     assert any(n.startswith("index_best_photos-") for n in os.listdir(ckpt_dir))  # beside the checkpoint
 
 
+def test_the_grid_shows_each_photo_whole_and_in_rank_order(tmp_path):
+    """The query photo, then the hits row by row in a near-square grid: each photo shrunk to fit
+    its square (never stretched or enlarged), the photos of a row level with one another, and a
+    gap where a hit's file is gone."""
+    sizes = [(1200, 800), (600, 900), (500, 500), (2000, 300), (120, 90)]
+    colours = [(230, 20, 20), (20, 200, 20), (20, 20, 230), (200, 200, 20), (200, 20, 200)]
+    paths = [str(tmp_path / f"{i}.png") for i in range(len(sizes))]
+    for path, size, colour in zip(paths, sizes, colours):
+        Image.new("RGB", size, colour).save(path)
+    out = tmp_path / "grid.png"
+    search.save_grid(paths[1:] + [str(tmp_path / "gone.jpg")], [0.9, 0.8, 0.7, 0.6, 0.5], out, "a title", paths[0])
+    grid = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    boxes = []  # (top, left, height, width) of each photo in the grid
+    for (w, h), colour in zip(sizes, colours):
+        ys, xs = np.nonzero(np.abs(grid - colour).sum(2) <= 6)
+        box = (ys.min(), xs.min(), ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min())
+        assert len(ys) == box[2] * box[3]  # one solid rectangle: the photo whole, nowhere else
+        scale = min(1, search.GRID_PHOTO / max(w, h))
+        assert abs(box[3] - w * scale) <= 1 and abs(box[2] - h * scale) <= 1, (colour, box)
+        boxes.append(box)
+    # 6 panels (the query, 5 hits): 3 columns, 2 rows; the gone photo is the last panel's gap
+    first_row, second_row = boxes[:3], boxes[3:]
+    assert len({b[0] for b in first_row}) == 1 and len({b[0] for b in second_row}) == 1
+    assert second_row[0][0] > first_row[0][0] + max(b[2] for b in first_row)
+    for row in (first_row, second_row):
+        assert all(a[1] + a[3] < b[1] for a, b in zip(row, row[1:]))  # left to right, apart
+    assert abs((second_row[0][1] + second_row[0][3] / 2) - (first_row[0][1] + first_row[0][3] / 2)) <= 1
+
+
 def test_corrupt_files_are_skipped_listed_and_not_retried(photos, ckpts, tmp_path, capsys, encoded):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     (photos / "empty.png").write_bytes(b"")
