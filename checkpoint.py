@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from atomic import atomic_path
+from helpers.atomic import atomic_path
 from model import DualEncoder, first_line, load_tokenizer, state_dict_mismatch
 
 # The arguments of train.py that define a model and how evaluate.py and search.py use it: a

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import photos
-from atomic import atomic_path, atomic_write
+from helpers.atomic import atomic_path, atomic_write
 from photos import IMAGE_EXTENSIONS
 
 # What preprocess_flickr8k.py admits into a dataset: no GIF or TIFF, since a training set is still

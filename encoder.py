@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from atomic import read_keyed, write_keyed
+from helpers.atomic import read_keyed, write_keyed
 
 EXPORT_VERSION = 1
 MAX_LENGTH = 64  # tokens per caption, as dataset.tokenize truncates in training

@@ -20,11 +20,11 @@ import sys
 
 import torch
 
-from atomic import atomic_write
 from checkpoint import eval_image_size, load_model
-from cli import non_negative_int, positive_int
 from device import keep_freed_memory, pick_device, precision_summary
 from encoder import file_sha256
+from helpers.atomic import atomic_write
+from helpers.cli import non_negative_int, positive_int
 from retrieval import chance_recall, evaluate_split, format_metrics
 
 

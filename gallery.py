@@ -1,6 +1,6 @@
 """A checkpoint's gallery: which photos it searches (a folder, recursively, a list file, or
 Flickr8K's), the index file that holds their embeddings and, for a big gallery, the approximate
-index (ann.py) beside it, how a query is encoded and ranked, and the JSON rows of a result. What
+index (helpers/ann.py) beside it, how a query is encoded and ranked, and the JSON rows of a result. What
 search.py and serve.py share. Example:
 
     python -c "import gallery; print(gallery.slug('a dog running through snow'))"
@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cli import non_negative_int, positive_int
+from helpers.cli import non_negative_int, positive_int
 from index import GalleryIndex, querybank_bias, scan_folder
 
 # Exact search below this many photos, the approximate index from there on (or at any size with
@@ -170,7 +170,7 @@ class Gallery:
     def __init__(self, args, encoder):
         self.encoder, self.args = encoder, args
         self.image_size, self.flip = encoder.image_size, encoder.flip
-        self.encode_files = None  # index.encode_image_files, or shard.py's stand-in under torchrun
+        self.encode_files = None  # index.encode_image_files, or helpers/shard.py's stand-in under torchrun
         if args.images_list:
             # The list's folder is the root: its photos keep relative paths, others absolute ones.
             self.listing = os.path.realpath(args.images_list)
@@ -252,7 +252,7 @@ class Gallery:
     def approximate(self, ix, report, before, build=True):
         """Bring the approximate index to `ix` after an update (`report`: GalleryIndex.update's) of
         the index whose ann_key was `before`: the one in memory or on disk that matches `before`
-        drops the rows removed and takes the rows added (ann.py's remove and add); one that
+        drops the rows removed and takes the rows added (helpers/ann.py's remove and add); one that
         matches neither, a rebias, or a gallery grown past what it was built for (needs_rebuild)
         gets it built anew, unless not `build`. Returns it, or None when ix is searched exactly
         (fewer than ANN_FROM photos without --ann, FAISS not installed without --ann, or none built).
@@ -260,7 +260,7 @@ class Gallery:
         if not self.uses_ann(ix):
             return None
         try:
-            import ann
+            from helpers import ann
         except ImportError as e:
             if self.args.ann:
                 raise SystemExit(f"error: {e}")

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from atomic import atomic_path
+from helpers.atomic import atomic_path
 from photos import IMAGE_EXTENSIONS, read_or_blank, taken_at
 
 INDEX_VERSION = 6  # 3: NumPy arrays in a .npz file, tied to the checkpoint file; 4: content fingerprints;
@@ -246,7 +246,7 @@ class GalleryIndex:
         `bank_key`; it is called before the encoding, so that a Ctrl-C while it prepares (encodes
         the caption bank) loses no photo encoded. Biases of another bank (or none) are computed
         again from the stored embeddings: no photo is decoded for that. encode_files:
-        encode_image_files (the default) or what stands in for it (shard.py's, which spreads the
+        encode_image_files (the default) or what stands in for it (helpers/shard.py's, which spreads the
         files over processes). Returns counts and the unreadable files: {"added", "updated",
         "removed", "reused", "failed": [(path, reason)], "interrupted", "changed", "kept",
         "rebiased"}."""

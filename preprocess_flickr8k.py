@@ -5,7 +5,7 @@ Example:
 
 Other sources: --source DIR (a folder with Flickr8k_Dataset.zip and Flickr8k_text.zip, their
 extracted folders, or the Kaggle layout Images/ + captions.txt), --captions FILE --images DIR (your
-own photos and an image,caption CSV), or --demo (synthetic shapes, see synthetic.py).
+own photos and an image,caption CSV), or --demo (synthetic shapes, see helpers/synthetic.py).
 captions.csv has columns image,caption,split with split in train/val/test (the official "dev"
 split is called val). Bad lines and photos are skipped and reported; running again skips finished
 work (downloads, extraction, photos already in images/).
@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 from tqdm import tqdm
 
-from atomic import atomic_path
-from download import download, extract
+from helpers.atomic import atomic_path
+from helpers.download import download, extract
 
 # Where --download fetches the archives from, and their sizes (bytes) and SHA-256 digests there.
 # None: not yet verified against the server (a wrong figure would reject a good 1 GB download);
@@ -305,7 +305,7 @@ def main(argv=None):
 def prepare(args):
     skipped = defaultdict(list)  # reason -> [(example, captions lost)]
     if args.demo:
-        from synthetic import make_demo_dataset, save_tiny_text_encoder  # lazy: torch, only --demo needs it
+        from helpers.synthetic import make_demo_dataset, save_tiny_text_encoder  # lazy: torch, only --demo needs it
 
         rows = make_demo_dataset(args.data_dir, seed=args.seed)
         # the tokenizer vocabulary is learned from train captions only

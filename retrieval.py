@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import index
-from atomic import read_keyed, write_keyed
 from dataset import AugmentedImages, EvalSplit, read_captions, tokenize
-from interrupt import held, ignore_sigterm
+from helpers.atomic import read_keyed, write_keyed
+from helpers.interrupt import held, ignore_sigterm
 
 KS = (1, 5, 10)
 TIE = 1e-6  # about eight float32 steps at a score of 1; distinct items score further apart

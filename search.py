@@ -16,9 +16,9 @@ index file beside the checkpoint (index_<checkpoint>_<gallery>.npz and its .npy,
 --index_dir); each run encodes only photos that are new or changed since the last, so a query costs
 one text or image encoding and one pass over the index. From gallery.ANN_FROM photos on (or with
 --ann) a FAISS index beside it (.ann) picks the candidates instead of that pass (gallery.py,
-ann.py). The model runs from its ONNX export on onnxruntime when there is a current one
+helpers/ann.py). The model runs from its ONNX export on onnxruntime when there is a current one
 (export.py), else on PyTorch (encoder.py). Under torchrun (--index_only) the photos' encoding is
-spread over the processes (shard.py).
+spread over the processes (helpers/shard.py).
 """
 
 import argparse
@@ -32,8 +32,6 @@ import warnings
 import numpy as np
 
 import encoder
-import shard
-from cli import iso_date, positive_int
 from gallery import (
     Gallery,
     Term,
@@ -48,6 +46,8 @@ from gallery import (
     slug,
     taken_between,
 )
+from helpers import shard
+from helpers.cli import iso_date, positive_int
 from photos import IMAGE_EXTENSIONS, open_rgb, read_image
 
 MAX_LISTED = 20  # unreadable files printed in full; the rest go to a file beside the index

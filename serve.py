@@ -34,7 +34,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import encoder
-from cli import non_negative_int
 from gallery import (
     Gallery,
     add_gallery_args,
@@ -42,7 +41,8 @@ from gallery import (
     log,
     readable,
 )
-from library import BadRequest, Library
+from helpers.cli import non_negative_int
+from helpers.library import BadRequest, Library
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 ASSETS = {"/": "index.html", "/app.js": "app.js", "/style.css": "style.css"}

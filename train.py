@@ -25,8 +25,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import cli
-from atomic import atomic_write
 from checkpoint import (
     eval_image_size,
     last_kept,
@@ -36,17 +34,19 @@ from checkpoint import (
     save_training,
     training_args,
 )
-from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 from dataset import Collate, PairDataset, epoch_order, read_captions, shard_order
 from device import keep_freed_memory, precision_summary, rank_and_world, torchrun_device
 from export import write_export
-from interrupt import Terminated, held, ignore_sigterm, stop_signals
+from helpers import cli
+from helpers.atomic import atomic_write
+from helpers.cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
+from helpers.interrupt import Terminated, held, ignore_sigterm, stop_signals
 from model import LITE_MODELS, gather_batch, info_nce, load_tokenizer
 from retrieval import cache_image_trunk, cache_val_trunk, cached_views, evaluate_split, format_metrics, plot_curves
 
 
 def build_parser():
-    # One line per flag, grouped by data, model, optim and run; a number's range is its type's (cli.py).
+    # One line per flag, grouped by data, model, optim and run; a number's range is its type's (helpers/cli.py).
     p = ArgParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # data
     p.add_argument("--data_dir", default="data/flickr8k", help="output of preprocess_flickr8k.py")

@@ -40,8 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dataset  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
-from cli import non_negative_int, positive_int  # noqa: E402
 from device import keep_freed_memory, pick_device, precision_summary  # noqa: E402
+from helpers.cli import non_negative_int, positive_int  # noqa: E402
 from retrieval import encode_image_dataset, encode_texts  # noqa: E402
 
 # distilbert-base-uncased's architecture, so its speed is measured without a download.

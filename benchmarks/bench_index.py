@@ -1,4 +1,4 @@
-"""Exact search against the approximate index (ann.py) on big synthetic galleries, in one run:
+"""Exact search against the approximate index (helpers/ann.py) on big synthetic galleries, in one run:
 latency per query, recall@10 of the approximate index against exact search, memory per photo and
 build time.
 
@@ -113,7 +113,7 @@ def write_gallery(path, gen, n, bank=None, scale=30.0):
     bias (n,) float32: log-sum-exp of scale x similarity to the bank, over scale."""
     from tqdm import tqdm
 
-    from atomic import atomic_path
+    from helpers.atomic import atomic_path
     bias = np.empty(n, np.float32) if bank is not None else None
     bar = tqdm(total=n, desc="gallery", unit="photo", unit_scale=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f, bar:
@@ -167,7 +167,7 @@ def build_ann(gallery_path, bias_path, out_path, threads, queue):
     report build seconds and peak memory."""
     import faiss
 
-    import ann
+    from helpers import ann
     faiss.omp_set_num_threads(threads)
     with MemoryWatch() as mem:
         t = time.perf_counter()
@@ -212,7 +212,7 @@ def exact_rows(n, dim, emb, q, bias, timed, in_ram):
 def ann_rows(args, n, emb, q, bias, truth, ann_path, built):
     import faiss
 
-    import ann
+    from helpers import ann
     faiss.omp_set_num_threads(args.threads)
     if args.faiss_simd:
         faiss.SIMDConfig.set_level(getattr(faiss, "SIMDLevel_" + args.faiss_simd))

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
-from cli import non_negative_int, positive_int  # noqa: E402
 from device import cpu_has_native_bf16, keep_freed_memory, precision_summary  # noqa: E402
+from helpers.cli import non_negative_int, positive_int  # noqa: E402
 
 
 def median_time(fn, rounds):

@@ -1,4 +1,4 @@
-"""ann.py against brute force on a few thousand clustered vectors: recall, exact scores, the bias,
+"""helpers/ann.py against brute force on a few thousand clustered vectors: recall, exact scores, the bias,
 incremental add and remove, and the file's round trip and refusals."""
 
 import zlib

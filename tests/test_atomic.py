@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from atomic import atomic_path, atomic_write
+from helpers.atomic import atomic_path, atomic_write
 
 
 def test_atomic_write_replaces_the_file_on_success(tmp_path):
@@ -45,7 +45,7 @@ def test_two_processes_writing_one_file_use_their_own_temporary(tmp_path):
     path = str(tmp_path / "index.pt")
     with atomic_path(path) as mine:
         assert mine == f"{path}.{os.getpid()}.tmp"
-        other = subprocess.run([sys.executable, "-c", "import os, sys; from atomic import atomic_path\n"
+        other = subprocess.run([sys.executable, "-c", "import os, sys; from helpers.atomic import atomic_path\n"
                                 f"with atomic_path({path!r}) as t: open(t, 'w').write('theirs'); print(t)"],
                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                capture_output=True, text=True, check=True).stdout.strip()

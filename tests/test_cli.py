@@ -1,8 +1,8 @@
-"""cli.py: flag files with comments, and the argparse types that refuse numbers out of range."""
+"""helpers/cli.py: flag files with comments, and the argparse types that refuse numbers out of range."""
 
 import pytest
 
-from cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
+from helpers.cli import ArgParser, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int
 
 
 def parse(kind, text, capsys):

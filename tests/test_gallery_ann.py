@@ -1,7 +1,7 @@
 """search.py and serve.py through the approximate index (--ann): the same hits and scores as exact
 search, kept in step with the gallery index across runs, rebuilt when its file does not match,
-and the date filter and min_score on that path. A small gallery gets ann.py's one exact list, so
-its rankings must equal exact search's exactly; ann.py's own tests cover the compressed codes."""
+and the date filter and min_score on that path. A small gallery gets helpers/ann.py's one exact list, so
+its rankings must equal exact search's exactly; helpers/ann.py's own tests cover the compressed codes."""
 
 import json
 import os

@@ -23,9 +23,8 @@ import pytest
 from PIL import Image
 
 import dataset
-import download
 import preprocess_flickr8k as pf
-import synthetic
+from helpers import download, synthetic
 
 SCRIPT = Path(__file__).resolve().parents[1] / "preprocess_flickr8k.py"
 
@@ -528,7 +527,8 @@ def test_checksum_mismatch_removes_the_download(tmp_path, server, monkeypatch):
 # preprocess_flickr8k.py --download, signalled (its whole process group, as a terminal's Ctrl-C does)
 # from inside the run once the first 64 KiB of the photo archive are on disk, so it lands mid-download
 # on any machine.
-SIGNAL_MID_DOWNLOAD = """import io, os, runpy, signal, sys, download
+SIGNAL_MID_DOWNLOAD = """import io, os, runpy, signal, sys
+from helpers import download
 # Ctrl-C raises as in a terminal's foreground job, even where pytest runs as a shell's background job
 # (which starts with SIGINT ignored, and passes that on to what it runs).
 signal.signal(signal.SIGINT, signal.default_int_handler)

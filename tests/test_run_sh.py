@@ -20,10 +20,11 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="run.sh nee
 
 @pytest.fixture
 def repo(tmp_path):
-    """run.sh and the Python files beside it, as a clone has them."""
+    """run.sh and the Python files beside it and in helpers/, as a clone has them."""
     for name in os.listdir(ROOT):
         if name.endswith(".py") or name == "run.sh":
             shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "helpers"), tmp_path / "helpers", ignore=shutil.ignore_patterns("__pycache__"))
     return tmp_path
 
 
@@ -52,7 +53,7 @@ def test_demo_runs_the_whole_pipeline_offline(repo):
     proc = run_sh(repo, "--demo", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((repo / "results" / "demo" / "test_metrics.json").read_text())
-    assert (m["n_images"], m["n_queries"], m["split"]) == (40, 200, "test")  # synthetic.py: 400 photos, 10 % test
+    assert (m["n_images"], m["n_queries"], m["split"]) == (40, 200, "test")  # the demo: 400 photos, 10 % test
     assert (repo / "results" / "demo" / "search_a_small_red_circle_above_a_large_blue_square.png").stat().st_size > 0
     assert {"best.pt", "last.pt", "metrics.jsonl", "tokenizer"} <= set(os.listdir(repo / "models" / "demo"))
     assert torch.load(repo / "models" / "demo" / "last.pt", weights_only=True)["step"] == 2  # the flags given won

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from tiny import make_checkpoint, photo
 
-import library as library_module
 import search
 import serve
+from helpers import library as library_module
 
 NAMES = ["a.jpg", "b.png", "sub/c.webp", os.fsdecode(b"\xff.jpg")]  # the last is not UTF-8
 

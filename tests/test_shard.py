@@ -15,7 +15,7 @@ from test_distributed import REPO, free_port
 from tiny import photo
 
 import search
-import shard
+from helpers import shard
 from index import GalleryIndex
 
 WORLD = 2

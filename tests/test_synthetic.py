@@ -1,4 +1,4 @@
-"""synthetic.py: same seed, same bytes; split by image; captions that match the pixels."""
+"""helpers/synthetic.py: same seed, same bytes; split by image; captions that match the pixels."""
 
 import csv
 import hashlib
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synthetic import COLOURS, make_demo_dataset
+from helpers.synthetic import COLOURS, make_demo_dataset
 
 
 def file_hashes(folder):

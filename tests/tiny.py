@@ -8,8 +8,8 @@ from PIL import Image, ImageDraw
 
 from checkpoint import save_checkpoint
 from dataset import write_captions
+from helpers.synthetic import save_tiny_text_encoder
 from model import DualEncoder
-from synthetic import save_tiny_text_encoder
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 40, 220), "yellow": (235, 220, 40)}
 SHAPES = ("circle", "square")

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from checkpoint import eval_image_size, load_model  # noqa: E402
-from cli import non_negative_int, positive_int  # noqa: E402
 from dataset import EvalSplit, tokenize  # noqa: E402
 from device import autocast, pick_device  # noqa: E402
+from helpers.cli import non_negative_int, positive_int  # noqa: E402
 from model import mean_pool  # noqa: E402
 from retrieval import querybank_bias, rank_summary, recall_metrics, t2i_ranks  # noqa: E402
 

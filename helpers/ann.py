@@ -1,7 +1,7 @@
 """Approximate top-k search for galleries too big to scan on every query: a FAISS index that picks
 candidates, re-ranked with the exact score from the gallery's own float16 embeddings. Example:
 
-    import ann
+    from helpers import ann
     emb = np.load("gallery_emb.npy", mmap_mode="r")        # (N, D) float16, memory-mapped
     ix = ann.build(emb, fingerprint="3f2a...")             # or build(emb, bias, fingerprint=...)
     scores, rows = ix.search(q, 10, emb)                  # q (Q, D) float32, L2-normalised
@@ -48,8 +48,8 @@ try:
 except ImportError:  # a clear message instead of a traceback for users of exact search only
     raise ImportError("the approximate index (--ann) needs FAISS: pip install 'faiss-cpu>=1.9,<2'")
 
-from atomic import atomic_path
-from cli import usable_cores
+from helpers.atomic import atomic_path
+from helpers.cli import usable_cores
 
 faiss.omp_set_num_threads(usable_cores())  # FAISS's OpenMP would use every core of the machine
 

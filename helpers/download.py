@@ -2,7 +2,7 @@
 (size, SHA-256, integrity, zip bombs) and a one-time extraction, for preprocess_flickr8k.py. No
 torch here, so preprocessing starts fast. Example:
 
-    python -c "import download; download.extract('downloads/Flickr8k_text.zip', 'raw')"
+    python -c "from helpers import download; download.extract('downloads/Flickr8k_text.zip', 'raw')"
 """
 
 import hashlib
@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from atomic import atomic_write
+from helpers.atomic import atomic_write
 
 TRIES = 4  # download attempts per archive
 BACKOFF_S = 2.0  # wait before the first retry, doubled each time (tests set it to 0)

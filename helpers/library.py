@@ -3,7 +3,7 @@ background a step at a time, each step published so searches see the photos inde
 searched by words, indexed photos and uploads combined (search.py's query syntax), with
 thumbnails kept in memory. No HTTP here: serve.py turns requests into these calls. Example:
 
-    python -c "import library; help(library.Library)"
+    python -c "from helpers import library; help(library.Library)"
 """
 
 import io
