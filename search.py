@@ -309,3 +309,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # e.g. while the caption bank is encoded: before anything is written
         print("\ninterrupted; the saved index and caption bank are complete (writes are atomic)", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader left early (`search.py --json | head`): nothing went wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush of stdout is quiet
+        sys.exit(141)  # 128 + SIGPIPE, as a program the signal ended

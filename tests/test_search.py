@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -354,6 +356,20 @@ def test_text_query_with_odd_text_saves_a_grid(photos, ckpts, tmp_path, capsys):
         assert rc == 0 and out.startswith(f"top {min(top_k, 4)} of 4 photos")
     grids = sorted(p.name for p in tmp_path.glob("search_*.png"))
     assert len(grids) == 2 and all(len(g) < 90 for g in grids), grids
+
+
+@pytest.mark.parametrize("output", ["--json", "--paths"])
+def test_a_reader_that_leaves_early_gets_no_traceback(photos, ckpts, tmp_path, output):
+    """`search.py --json | head -1`: the pipe's reader gone before the results are written (here
+    closed before the run starts, so the write always fails) is an exit of 141, without a traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "search.py", "--checkpoint", ckpts[0], "--images_dir", photos, "--query",
+                        "a red circle", output, "--index_dir", tmp_path, "--device", "cpu"],
+                       cwd=root, stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(write)
+    assert p.returncode == 141 and "Traceback" not in p.stderr, p.stderr
 
 
 def test_index_of_another_checkpoint_is_rebuilt(photos, ckpts, tmp_path, capsys, encoded):
