@@ -305,7 +305,9 @@ def save_results(args, hits, terms):
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        rc = main()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is met inside this try
+        sys.exit(rc)
     except KeyboardInterrupt:  # e.g. while the caption bank is encoded: before anything is written
         print("\ninterrupted; the saved index and caption bank are complete (writes are atomic)", file=sys.stderr)
         sys.exit(130)

@@ -6,7 +6,9 @@ import zlib
 import numpy as np
 import pytest
 
-ann = pytest.importorskip("ann")  # needs faiss-cpu (requirements.txt)
+pytest.importorskip("faiss")  # faiss-cpu (requirements.txt)
+from helpers import ann  # noqa: E402
+
 faiss = ann.faiss
 
 D = 64

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from tiny import make_checkpoint, photo
 
-ann = pytest.importorskip("ann")  # needs faiss-cpu (requirements.txt)
-
+pytest.importorskip("faiss")  # faiss-cpu (requirements.txt)
 import gallery  # noqa: E402
 import index  # noqa: E402
 import search  # noqa: E402
+from helpers import ann  # noqa: E402
 from index import GalleryIndex  # noqa: E402
 
 
