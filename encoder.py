@@ -114,7 +114,7 @@ class OnnxEncoder:
         self.mean, self.std, self.logit_scale = meta["mean"], meta["std"], meta["logit_scale"]
         self.checkpoint_sha = meta["checkpoint"]["sha256"]
         self.fingerprint = index_key(self.checkpoint_sha, self.image_size, self.flip)
-        self.text = _Opening(self._open, session, "text.int8.onnx" if int8 else "text.onnx")
+        self.text = _Opening(self._open, text_session, "text.int8.onnx" if int8 else "text.onnx")
         from tokenizers import Tokenizer
         self.tokenizer = self._open(Tokenizer.from_file, "tokenizer.json")
         self.tokenizer.enable_truncation(MAX_LENGTH)
@@ -186,12 +186,21 @@ class _Opening:
         return session.run(*args)
 
 
-def session(path):
+def session(path, spin=True):
     """An onnxruntime session of one graph (its path, or its bytes), on the CPU."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def text_session(path):
+    """The text graph's session, its threads sleeping between runs instead of spinning: a query's
+    encoding is followed by NumPy's ranking, whose BLAS threads the spinning ones would slow down
+    (and they it), which doubled a warm query on 2 cores (benchmarks/README.md)."""
+    return session(path, spin=False)
 
 
 def _is_current(recorded, checkpoint):

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from helpers.atomic import read_keyed, write_keyed
 from helpers.cli import non_negative_int, positive_int
 from index import GalleryIndex, querybank_bias, scan_folder
 
@@ -48,12 +49,19 @@ def readable(text):
     return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
-def gallery_images(data_dir, use_test_set):
+def gallery_images(data_dir, use_test_set, cache=None):
     """Sorted image names: the test split's, or every image the dataset lists (read with the csv
-    module: search needs neither pandas nor dataset.py's PyTorch)."""
+    module: search needs neither pandas nor dataset.py's PyTorch). cache: a file that keeps them
+    for the next call, until captions.csv changes (its path, size and time): parsing 40,000
+    captions took most of a cold query's scan of Flickr8K."""
     path = os.path.join(data_dir, "captions.csv")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; pass --data_dir, or --images_dir to search your own photos.")
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:test={bool(use_test_set)}"
+    kept = read_keyed(cache, key) if cache else None
+    if kept is not None:
+        return kept["names"].tobytes().decode("utf-8").split("\0")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = csv.reader(f)  # not DictReader: a dict per caption would be most of a cold query's parsing
@@ -66,7 +74,10 @@ def gallery_images(data_dir, use_test_set):
                          f"({type(e).__name__}: {e}); rerun preprocess_flickr8k.py.")
     if not rows:
         raise SystemExit(f"error: {path} holds no captions; rerun preprocess_flickr8k.py.")
-    return sorted(names)
+    names = sorted(names)
+    if cache and names:
+        write_keyed(cache, key, names=np.frombuffer("\0".join(names).encode("utf-8"), np.uint8))
+    return names
 
 
 def flickr_files(root, names):
@@ -219,7 +230,8 @@ class Gallery:
             return list_files(self.listing)
         if self.args.images_dir:
             return scan_folder(self.root)
-        return flickr_files(self.root, gallery_images(self.data_dir, self.args.use_test_set))
+        cache = os.path.join(self.index_dir, "names_" + os.path.basename(self.path)[len("index_"):])
+        return flickr_files(self.root, gallery_images(self.data_dir, self.args.use_test_set, cache))
 
     def update(self, ix, files):
         return ix.update(files, self.encoder, self.args.batch_size, self.args.num_workers,

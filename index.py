@@ -7,10 +7,12 @@ Embeddings are stored as float16, 1 KB a photo at D=512, in a .npy file beside t
 (index_X.npz names index_X.<generation>.npy), memory-mapped when loaded: a search reads the rows
 from the page cache and a gallery of millions need not fit in RAM (an update that changes rows
 holds them in RAM until saved). They are searched exhaustively in chunks (no approximation); the
-top candidates of each chunk are rescored in float32. The index records a fingerprint of the
-checkpoint that made it (encoder.index_key), so embeddings of two models never mix. For a model
-trained with --querybank it also keeps each photo's querybank bias, which text queries' scores
-are lowered by (querybank_bias).
+top candidates of each chunk are rescored in float32. Up to F32_BYTES of them, exact search keeps a
+float32 copy in RAM for the next queries: NumPy converts float16 without SIMD, so the conversion
+would otherwise cost each query more than the product itself (benchmarks/README.md). The index
+records a fingerprint of the checkpoint that made it (encoder.index_key), so embeddings of two
+models never mix. For a model trained with --querybank it also keeps each photo's querybank bias,
+which text queries' scores are lowered by (querybank_bias).
 
 gallery.py builds on it: the photos and index file of a checkpoint's gallery, and its queries.
 """
@@ -35,6 +37,7 @@ FINGERPRINT_BYTES = 64 << 10  # read from each end of a new or changed file to r
 NO_FINGERPRINT = bytes(16)  # of a file that could not be read: matches nothing
 CHUNK_ROWS = 16384  # 32 MB of float32 at D=512 per chunk: few enough chunks, small enough to stay in cache
 RESCORE_EXTRA = 16  # candidates kept beyond k for the float32 rescoring: room for float16 rounding
+F32_BYTES = 256 << 20  # the largest float32 copy exact search keeps: 131,072 photos at D=512
 
 
 def new_generation():
@@ -152,6 +155,7 @@ class GalleryIndex:
         self.generation = new_generation()
         self.version = INDEX_VERSION  # of the file it was read from: an older one is written anew at its update
         self.emb_file = None  # the .npy that emb maps, once loaded or saved
+        self._f32 = (None, None)  # (emb, its float32 copy) for exact search: see float32()
 
     def __len__(self):
         return len(self.paths)
@@ -340,6 +344,18 @@ class GalleryIndex:
         out_fps = np.frombuffer(b"".join(fp for _, fp in done), np.uint8).reshape(-1, 16)
         return [p for p, _ in done], out, out_fps, failed, len(errors) < len(encode), reused
 
+    def float32(self, emb):
+        """A float32 copy of `emb` (this index's rows), made at the first search of these rows and
+        kept for the next ones; None past F32_BYTES (then each search converts chunk by chunk).
+        Tied to the array itself: an update or a save replaces emb, and the copy follows."""
+        if emb.size * 4 > F32_BYTES:
+            return None
+        src, copy32 = self._f32
+        if src is not emb:
+            copy32 = np.asarray(emb, dtype=np.float32)
+            self._f32 = (emb, copy32)
+        return copy32
+
     def top_k(self, query_emb, k, chunk_rows=CHUNK_ROWS, bias=None, allowed=None):
         """Exact top-k by cosine similarity for L2-normalised queries (Q, D), less the photos'
         bias (N,) if given (querybank normalisation), among the rows where `allowed` (N,) bool is
@@ -347,21 +363,26 @@ class GalleryIndex:
 
         Returns scores (Q, k') float32 and row indices (Q, k') int64, best first, k' = min(k, N,
         allowed rows).
-        Each chunk of rows is converted to float32 in one reused buffer (no float32 copy of the
-        whole gallery), scored and keeps its best k + RESCORE_EXTRA; those candidates are then
-        rescored against the stored vectors in float32 with one product per query, so the scores
-        and order do not depend on the chunking.
+        Each chunk of rows is read from the float32 copy (float32()), or past its size converted
+        in one reused buffer, scored and keeps its best k + RESCORE_EXTRA; those candidates are
+        then rescored against the stored vectors in float32 with one product per query, so the
+        scores and order do not depend on the chunking.
         """
         q = np.asarray(query_emb, dtype=np.float32)
         n, k = len(self), min(k, len(self) if allowed is None else int(np.count_nonzero(allowed)))
         if k == 0:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
         keep = min(k + RESCORE_EXTRA, n)
-        buf = np.empty((min(chunk_rows, n), self.emb.shape[1]), np.float32)
+        emb = self.emb  # once: serve.py's updates replace it meanwhile
+        emb32 = self.float32(emb)
+        buf = np.empty((min(chunk_rows, n), emb.shape[1]), np.float32) if emb32 is None else None
         cand = []
         for lo in range(0, n, chunk_rows):
-            block = buf[:min(chunk_rows, n - lo)]
-            np.copyto(block, self.emb[lo:lo + len(block)])
+            if emb32 is not None:
+                block = emb32[lo:lo + chunk_rows]
+            else:
+                block = buf[:min(chunk_rows, n - lo)]
+                np.copyto(block, emb[lo:lo + len(block)])
             s = block @ q.T  # (C, Q)
             if bias is not None:
                 s -= bias[lo:lo + len(block), None]
@@ -371,7 +392,7 @@ class GalleryIndex:
             top = np.argpartition(-s, c - 1, axis=0)[:c] if c < len(block) else np.arange(len(block))[:, None]
             cand.append(np.broadcast_to(top, (c, len(q))) + lo)
         cand = np.concatenate(cand).T  # (Q, M) candidate rows
-        exact = np.einsum("qmd,qd->qm", self.emb[cand].astype(np.float32), q)  # (Q, M) float32
+        exact = np.einsum("qmd,qd->qm", emb[cand].astype(np.float32), q)  # (Q, M) float32
         if bias is not None:
             exact -= bias[cand]
         if allowed is not None:  # a chunk with fewer than k allowed rows gave some others too

@@ -3,6 +3,7 @@ rankings from search.py, a search path without torch or transformers, stale and 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -292,3 +293,20 @@ def test_int8_needs_the_exports_int8_text_graph(exported, tmp_path):
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "int8": True}))
     with pytest.raises(SystemExit, match="has no int8 text graph"):
         encoder.load(str(tmp_path / "m" / "best.pt"), "onnx", int8=True)
+
+
+def test_warm_query_benchmark_times_the_export(exported, tiny_data, tmp_path, capsys):
+    """benchmarks/warm_query.py on a tiny export: it indexes the folder, then reports a p50 per
+    query of at least its encoding's and ranking's p50s, on onnxruntime."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import warm_query
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos_of(tiny_data, 5):
+        shutil.copy(p, folder)
+    warm_query.main(["--checkpoint", exported["lite"], "--runtime", "onnx", "--rounds", "2", "--queries", "3",
+                     "--", "--images_dir", str(folder), "--index_dir", str(tmp_path / "ix"), "--num_workers", "0"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("warm query on onnxruntime, 5 photos, 6 queries: p50 ")
+    total, enc, rank = (float(x) for x in re.findall(r"p50 ([0-9.]+) ms", line))
+    assert 0 < enc <= total and 0 < rank <= total

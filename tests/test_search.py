@@ -270,6 +270,52 @@ def test_top_k_equals_brute_force_float32():
         assert not np.array_equal(rows, ix.top_k(queries, 10, chunk_rows=3001)[1])
 
 
+def test_flickr8k_listing_is_kept_until_captions_csv_changes(tmp_path):
+    """The names captions.csv lists are kept beside the index under the file's size and time (as
+    an index keeps its photos'): the same stat reads them back without parsing, a new time or
+    size parses the file again, and the test split is listed apart."""
+    data, cache = tmp_path / "data", tmp_path / "names_best_all.npz"
+    data.mkdir()
+    captions = data / "captions.csv"
+    captions.write_text('image,caption,split\nb.jpg,"a dog, running",train\na.jpg,a cat,test\n')
+    assert gallery.gallery_images(data, False, cache) == ["a.jpg", "b.jpg"] and cache.exists()
+    assert gallery.gallery_images(data, True, cache) == ["a.jpg"]
+    assert gallery.gallery_images(data, False, cache) == ["a.jpg", "b.jpg"]
+    st = captions.stat()
+    captions.write_text(captions.read_text().replace("a.jpg", "x.jpg"))  # the same size
+    os.utime(captions, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert gallery.gallery_images(data, False, cache) == ["a.jpg", "b.jpg"]  # the same stat: the kept names
+    os.utime(captions, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert gallery.gallery_images(data, False, cache) == ["b.jpg", "x.jpg"]
+    captions.write_text(captions.read_text() + "c.jpg,a bird,val\n")
+    assert gallery.gallery_images(data, False, cache) == ["b.jpg", "c.jpg", "x.jpg"]
+
+
+def test_top_k_searches_the_rows_as_they_are_now(monkeypatch):
+    """Exact search keeps a float32 copy of the rows between queries: once an update replaces
+    them (photos removed, or as many photos with other embeddings), no query may be answered
+    from the copy of the rows before; past F32_BYTES the chunked conversion ranks alike."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((600, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ix = GalleryIndex("fp", "/", 32)
+    ix.emb, ix.paths = x.astype(np.float16), [str(i) for i in range(len(x))]
+    q = x[[7, 300]]  # each query is a photo of the gallery: its own row comes first
+
+    def brute(emb):
+        s = q @ emb.astype(np.float32).T
+        return np.argsort(-s, axis=1, kind="stable")[:, :5]
+    assert ix.top_k(q, 5)[1][:, 0].tolist() == [7, 300]
+    ix.emb, ix.paths = np.delete(ix.emb, [7, 300], axis=0), ix.paths[:-2]  # as update() drops rows
+    assert np.array_equal(ix.top_k(q, 5)[1], brute(ix.emb))
+    ix.emb = rng.permutation(ix.emb)  # the same shape, other rows in each place
+    rows_copy = ix.top_k(q, 5)
+    assert np.array_equal(rows_copy[1], brute(ix.emb))
+    monkeypatch.setattr(index, "F32_BYTES", 0)
+    rows_chunked = ix.top_k(q, 5, chunk_rows=128)
+    assert np.array_equal(rows_chunked[1], rows_copy[1]) and np.array_equal(rows_chunked[0], rows_copy[0])
+
+
 # ---------------------------------------------------------------------------- the command line
 
 def test_image_query_finds_itself_first_and_saves_a_grid(photos, ckpts, tmp_path, capsys):
