@@ -52,13 +52,15 @@ def readable(text):
 def gallery_images(data_dir, use_test_set, cache=None):
     """Sorted image names: the test split's, or every image the dataset lists (read with the csv
     module: search needs neither pandas nor dataset.py's PyTorch). cache: a file that keeps them
-    for the next call, until captions.csv changes (its path, size and time): parsing 40,000
+    for the next call, until captions.csv changes (its path, inode, size, modification and change
+    times: a rewrite that restores the modification time still changes the last): parsing 40,000
     captions took most of a cold query's scan of Flickr8K."""
     path = os.path.join(data_dir, "captions.csv")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; pass --data_dir, or --images_dir to search your own photos.")
     st = os.stat(path)
-    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}:test={bool(use_test_set)}"
+    key = (f"names 1:{os.path.realpath(path)}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:"
+           f"test={bool(use_test_set)}")
     kept = read_keyed(cache, key) if cache else None
     if kept is not None:
         return kept["names"].tobytes().decode("utf-8").split("\0")

@@ -7,9 +7,10 @@ Embeddings are stored as float16, 1 KB a photo at D=512, in a .npy file beside t
 (index_X.npz names index_X.<generation>.npy), memory-mapped when loaded: a search reads the rows
 from the page cache and a gallery of millions need not fit in RAM (an update that changes rows
 holds them in RAM until saved). They are searched exhaustively in chunks (no approximation); the
-top candidates of each chunk are rescored in float32. Up to F32_BYTES of them, exact search keeps a
-float32 copy in RAM for the next queries: NumPy converts float16 without SIMD, so the conversion
-would otherwise cost each query more than the product itself (benchmarks/README.md). The index
+top candidates of each chunk are rescored in float32. Searched a second time (serve.py), rows up
+to F32_BYTES are kept as a float32 copy in RAM for the next queries: NumPy converts float16
+without SIMD, so the conversion would otherwise cost each query more than the product itself
+(benchmarks/README.md); a one-shot search.py converts chunk by chunk and keeps nothing. The index
 records a fingerprint of the checkpoint that made it (encoder.index_key), so embeddings of two
 models never mix. For a model trained with --querybank it also keeps each photo's querybank bias,
 which text queries' scores are lowered by (querybank_bias).
@@ -155,7 +156,7 @@ class GalleryIndex:
         self.generation = new_generation()
         self.version = INDEX_VERSION  # of the file it was read from: an older one is written anew at its update
         self.emb_file = None  # the .npy that emb maps, once loaded or saved
-        self._f32 = (None, None)  # (emb, its float32 copy) for exact search: see float32()
+        self._f32 = (None, None)  # (emb searched last, its float32 copy or None): see float32()
 
     def __len__(self):
         return len(self.paths)
@@ -238,7 +239,10 @@ class GalleryIndex:
             except OSError:
                 pass  # gone already, or mapped on Windows: it stays behind, unused
         self.emb_file, self.version = emb_file, INDEX_VERSION
+        held = self._f32[0] is self.emb
         self.emb = np.load(emb_file, mmap_mode="r")  # the same values, out of RAM
+        if held:  # so is the float32 copy: it serves the map too
+            self._f32 = (self.emb, self._f32[1])
 
     def update(self, files, encoder, batch_size=32, num_workers=0, make_bias_fn=None, bank_key="",
                encode_files=None):
@@ -254,7 +258,7 @@ class GalleryIndex:
         files over processes). Returns counts and the unreadable files: {"added", "updated",
         "removed", "reused", "failed": [(path, reason)], "interrupted", "changed", "kept",
         "rebiased"}."""
-        old_stats, n_failed = self.stats.tolist(), len(self.failed)
+        old_stats, n_failed, old_emb = self.stats.tolist(), len(self.failed), self.emb
         keep = [i for i, p in enumerate(self.paths) if list(files.get(p, ())) == old_stats[i]]
         self.failed = {p: v for p, v in self.failed.items() if list(files.get(p, ())) == v[:2]}
         known = {self.paths[i] for i in keep} | set(self.failed)
@@ -295,6 +299,8 @@ class GalleryIndex:
         # How the rows moved, for an approximate index to follow: the old rows `kept` (in order) are
         # rows 0.., the new ones follow; `rebiased`: every row's bias changed.
         report["kept"], report["rebiased"] = keep, rebiased
+        if self.emb is not old_emb:
+            self._f32 = (None, None)  # the copy of the rows before: not kept alive until the next search
         if report["changed"]:
             self.generation = new_generation()
         return report
@@ -345,13 +351,14 @@ class GalleryIndex:
         return [p for p, _ in done], out, out_fps, failed, len(errors) < len(encode), reused
 
     def float32(self, emb):
-        """A float32 copy of `emb` (this index's rows), made at the first search of these rows and
-        kept for the next ones; None past F32_BYTES (then each search converts chunk by chunk).
-        Tied to the array itself: an update or a save replaces emb, and the copy follows."""
-        if emb.size * 4 > F32_BYTES:
-            return None
+        """A float32 copy of `emb` (this index's rows) for top_k, made at the second search of these
+        rows and kept for the next ones; None at the first (a one-shot search.py converts chunk by
+        chunk, holding 32 MB instead of a whole copy) and past F32_BYTES. Tied to the array
+        itself: update() replaces emb and drops the copy."""
         src, copy32 = self._f32
         if src is not emb:
+            self._f32, copy32 = (emb, None), None
+        elif copy32 is None and emb.size * 4 <= F32_BYTES:
             copy32 = np.asarray(emb, dtype=np.float32)
             self._f32 = (emb, copy32)
         return copy32
@@ -363,8 +370,8 @@ class GalleryIndex:
 
         Returns scores (Q, k') float32 and row indices (Q, k') int64, best first, k' = min(k, N,
         allowed rows).
-        Each chunk of rows is read from the float32 copy (float32()), or past its size converted
-        in one reused buffer, scored and keeps its best k + RESCORE_EXTRA; those candidates are
+        Each chunk of rows is read from the float32 copy (float32()), or where there is none
+        converted in one reused buffer, scored and keeps its best k + RESCORE_EXTRA; those candidates are
         then rescored against the stored vectors in float32 with one product per query, so the
         scores and order do not depend on the chunking.
         """

@@ -37,10 +37,12 @@ def _open(path):
     costs about as much as decoding a photo, and a folder of JPEGs never needs it."""
     if str(path).lower().endswith(HEIF_EXTENSIONS) and not _heif_opener():
         raise OSError("reading HEIC/HEIF photos needs pillow-heif: pip install pillow-heif")
+    # Read before the try: another thread may register the opener while this one fails without it.
+    had_heif = "HEIF" in Image.OPEN
     try:
         return Image.open(path)
     except UnidentifiedImageError:
-        if "HEIF" in Image.OPEN or not _heif_opener():
+        if had_heif or not _heif_opener():
             raise
     return Image.open(path)  # from the start again: Image.open seeks a file object to 0 itself
 

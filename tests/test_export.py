@@ -295,10 +295,10 @@ def test_int8_needs_the_exports_int8_text_graph(exported, tmp_path):
         encoder.load(str(tmp_path / "m" / "best.pt"), "onnx", int8=True)
 
 
-def test_warm_query_benchmark_times_the_export(exported, tiny_data, tmp_path, capsys):
+def test_warm_query_benchmark_times_the_export(exported, tiny_data, tmp_path, capsys, monkeypatch):
     """benchmarks/warm_query.py on a tiny export: it indexes the folder, then reports a p50 per
     query of at least its encoding's and ranking's p50s, on onnxruntime."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import warm_query
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -118,3 +118,27 @@ def test_pillow_heif_is_imported_only_for_a_photo_pillow_cannot_read(tmp_path):
     assert after_jpeg is False
     expected = photos.read_image(original, 40).tolist()  # the PNG the HEIC was made from, losslessly
     assert by_name == expected and upload == expected
+
+
+def test_a_heic_still_decodes_when_another_thread_registers_pillow_heif_meanwhile(tmp_path):
+    """Photos are decoded in several threads: when one registers pillow-heif's opener just after
+    another failed to identify a HEIC without it, the second must try again with it, not record
+    the photo as unreadable. The other thread is played by Image.open registering it as it fails."""
+    original = photo(tmp_path / "h.png", 10)
+    pillow_heif.from_pillow(Image.open(original)).save(tmp_path / "heic.jpg", quality=-1, chroma=444,
+                                                      matrix_coefficients=0)
+    code = f"""if True:
+        import json, photos
+        from PIL import Image
+        real = Image.open
+        def racing(path, *args, **kwargs):
+            try:
+                return real(path, *args, **kwargs)
+            except Exception:
+                photos._heif_opener()  # another thread, just now
+                raise
+        Image.open = racing
+        print(json.dumps(photos.read_image({str(tmp_path / "heic.jpg")!r}, 40).tolist()))"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == photos.read_image(original, 40).tolist()

@@ -270,22 +270,26 @@ def test_top_k_equals_brute_force_float32():
         assert not np.array_equal(rows, ix.top_k(queries, 10, chunk_rows=3001)[1])
 
 
-def test_flickr8k_listing_is_kept_until_captions_csv_changes(tmp_path):
-    """The names captions.csv lists are kept beside the index under the file's size and time (as
-    an index keeps its photos'): the same stat reads them back without parsing, a new time or
-    size parses the file again, and the test split is listed apart."""
-    data, cache = tmp_path / "data", tmp_path / "names_best_all.npz"
-    data.mkdir()
+def test_flickr8k_listing_is_kept_until_captions_csv_changes(tmp_path, monkeypatch):
+    """The names captions.csv lists are kept beside the index under the file's path and stat:
+    while it is unchanged they are read back without parsing; any rewrite (one that keeps the
+    size and restores the modification time included) or another data folder parses again,
+    and the test split is listed apart."""
+    data, other, cache = tmp_path / "data", tmp_path / "other", tmp_path / "names_best_all.npz"
+    for folder, name in ((data, "a.jpg"), (other, "o.jpg")):
+        folder.mkdir()
+        (folder / "captions.csv").write_text(f'image,caption,split\nb.jpg,"a dog, running",train\n{name},a cat,test\n')
     captions = data / "captions.csv"
-    captions.write_text('image,caption,split\nb.jpg,"a dog, running",train\na.jpg,a cat,test\n')
     assert gallery.gallery_images(data, False, cache) == ["a.jpg", "b.jpg"] and cache.exists()
     assert gallery.gallery_images(data, True, cache) == ["a.jpg"]
+    with monkeypatch.context() as m:
+        m.setattr(gallery.csv, "reader", None)  # parsing now fails: only the kept names can answer
+        assert gallery.gallery_images(data, True, cache) == ["a.jpg"]
+    assert gallery.gallery_images(other, False, cache) == ["b.jpg", "o.jpg"]  # the same cache file
     assert gallery.gallery_images(data, False, cache) == ["a.jpg", "b.jpg"]
     st = captions.stat()
     captions.write_text(captions.read_text().replace("a.jpg", "x.jpg"))  # the same size
-    os.utime(captions, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert gallery.gallery_images(data, False, cache) == ["a.jpg", "b.jpg"]  # the same stat: the kept names
-    os.utime(captions, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    os.utime(captions, ns=(st.st_atime_ns, st.st_mtime_ns))  # and time
     assert gallery.gallery_images(data, False, cache) == ["b.jpg", "x.jpg"]
     captions.write_text(captions.read_text() + "c.jpg,a bird,val\n")
     assert gallery.gallery_images(data, False, cache) == ["b.jpg", "c.jpg", "x.jpg"]
@@ -305,15 +309,24 @@ def test_top_k_searches_the_rows_as_they_are_now(monkeypatch):
     def brute(emb):
         s = q @ emb.astype(np.float32).T
         return np.argsort(-s, axis=1, kind="stable")[:, :5]
-    assert ix.top_k(q, 5)[1][:, 0].tolist() == [7, 300]
+
+    def searched_thrice():  # the first search converts chunk by chunk, the next ones read the copy
+        runs = [ix.top_k(q, 5) for _ in range(3)]
+        assert all(np.array_equal(r[1], brute(ix.emb)) for r in runs)
+        assert all(np.array_equal(r[0], runs[0][0]) for r in runs)
+        return runs[-1]
+    assert searched_thrice()[1][:, 0].tolist() == [7, 300] and ix.float32(ix.emb) is not None
     ix.emb, ix.paths = np.delete(ix.emb, [7, 300], axis=0), ix.paths[:-2]  # as update() drops rows
-    assert np.array_equal(ix.top_k(q, 5)[1], brute(ix.emb))
+    searched_thrice()
     ix.emb = rng.permutation(ix.emb)  # the same shape, other rows in each place
-    rows_copy = ix.top_k(q, 5)
-    assert np.array_equal(rows_copy[1], brute(ix.emb))
-    monkeypatch.setattr(index, "F32_BYTES", 0)
-    rows_chunked = ix.top_k(q, 5, chunk_rows=128)
-    assert np.array_equal(rows_chunked[1], rows_copy[1]) and np.array_equal(rows_chunked[0], rows_copy[0])
+    with_copy = searched_thrice()
+    monkeypatch.setattr(index, "F32_BYTES", 0)  # no copy: every search converts chunk by chunk
+    capped = GalleryIndex("fp", "/", 32)
+    capped.emb, capped.paths = ix.emb, ix.paths
+    for _ in range(2):
+        chunked = capped.top_k(q, 5, chunk_rows=128)
+        assert np.array_equal(chunked[1], with_copy[1]) and np.array_equal(chunked[0], with_copy[0])
+    assert capped.float32(capped.emb) is None
 
 
 # ---------------------------------------------------------------------------- the command line
@@ -478,6 +491,7 @@ def test_flickr8k_gallery_by_text_and_image(tiny_data, ckpts, tmp_path, capsys):
     rc, out, err = run(capsys, *common, "--query", "a red circle")  # top_k 9 of 8 test photos
     assert rc == 0 and out.startswith("top 8 of 8 photos") and (tmp_path / "search_a_red_circle.png").exists()
     assert os.path.exists(os.path.join(os.path.dirname(ckpts[0]), "index_best_test.npz"))
+    assert os.path.exists(os.path.join(os.path.dirname(ckpts[0]), "names_best_test.npz"))  # its listing kept
     query = os.path.join(tiny_data, "images", "blue_square_7.jpg")
     rc, out, err = run(capsys, *common, "--image", query, "--top_k", "2")
     assert rc == 0 and out.splitlines()[1].split()[2] == query
