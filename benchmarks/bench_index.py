@@ -206,8 +206,8 @@ def exact_rows(n, dim, emb, q, bias, timed, in_ram):
     p50, p95 = percentiles(times)
     copy32 = 4 * dim if n * dim * 4 <= F32_BYTES else 0  # the float32 copy warm searches keep (index.py)
     return truth, {"kind": "exact" if in_ram else "exact-mmap", "p50_ms": p50, "p95_ms": p95, "recall_at_10": 1.0,
-                   "bytes_per_photo": (2 * dim if in_ram else 0) + copy32, "disk_bytes_per_photo": 0 if in_ram else 2 * dim,
-                   "build_s": load_s, "timed_queries": timed}
+                   "bytes_per_photo": (2 * dim if in_ram else 0) + copy32,
+                   "disk_bytes_per_photo": 0 if in_ram else 2 * dim, "build_s": load_s, "timed_queries": timed}
 
 
 def ann_rows(args, n, emb, q, bias, truth, ann_path, built):
