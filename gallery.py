@@ -205,6 +205,7 @@ class Gallery:
         self.index_dir = args.index_dir or os.path.dirname(os.path.abspath(args.checkpoint))
         stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
         self.path = os.path.join(self.index_dir, f"index_{stem}_{name}.npz")
+        self.names_path = os.path.join(self.index_dir, f"names_{stem}_{name}.npz")  # Flickr8K's listing, kept
         # Which querybank the photos' biases come from ("": none, rank by cosine similarity).
         self.bank_dir = args.data_dir or encoder.args.get("data_dir") or ""
         self.bank_key = encoder.querybank_key(self.bank_dir) if encoder.args.get("querybank") else ""
@@ -232,8 +233,7 @@ class Gallery:
             return list_files(self.listing)
         if self.args.images_dir:
             return scan_folder(self.root)
-        cache = os.path.join(self.index_dir, "names_" + os.path.basename(self.path)[len("index_"):])
-        return flickr_files(self.root, gallery_images(self.data_dir, self.args.use_test_set, cache))
+        return flickr_files(self.root, gallery_images(self.data_dir, self.args.use_test_set, self.names_path))
 
     def update(self, ix, files):
         return ix.update(files, self.encoder, self.args.batch_size, self.args.num_workers,

@@ -48,10 +48,14 @@ def slowest_imports(cmd, n=8):
     return sorted(top.items(), key=lambda kv: -kv[1])[:n]
 
 
+def split_at_dashes(argv=None):
+    """(the benchmark's own flags, the flags after `--` that go to search.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_at_dashes(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="trained checkpoint (best.pt)")
     p.add_argument("--query", default="a dog running through snow")
